@@ -1,0 +1,1 @@
+"""spm_rt.export: ONNX graphs and TensorRT engines of SPM-patched UNets (heavy deps imported lazily)."""

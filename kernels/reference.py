@@ -1,0 +1,116 @@
+"""Plain-PyTorch reference of the gated multi-SPM projection.
+
+This is the oracle every fast path is tested against and the CPU fallback. It knows tensors
+only (no modules, no pipelines).
+
+The op, for one adapted layer with K stacked SPMs of rank r (R = K * r rows):
+
+    z = x D^T                                   # [M, R]
+    c = coefficients(z, gates[sample(row)])     # [M, R]
+    y = x W^T + b + c U^T                       # [M, out]
+
+with ``sample(row) = row // rows_per_sample`` and the coefficients
+
+* ``combine="linear"`` (the paper's sum of gated updates):
+  ``c[m, k*r + j] = gates[b, k] * scale[k] * z[m, k*r + j]``
+* ``combine="official"`` (the reference code: every tensor of SPM k multiplied by gamma_k,
+  summed key by key, run as one rank-r adapter with the first SPM's scale):
+  ``w[m, j] = sum_k gates[b, k] * z[m, k*r + j]`` and
+  ``c[m, k*r + j] = scale[0] * gates[b, k] * w[m, j]``,
+  i.e. ``scale_1 * (sum_j g_j U_j)(sum_k g_k D_k) x``: quadratic in the gates, with cross terms.
+"""
+from __future__ import annotations
+
+import torch
+
+COMBINES = ("linear", "official")
+
+
+def spm_coefficients(
+    z: torch.Tensor,  # [M, K*r] shrink output x D^T
+    scale: torch.Tensor,  # [K] per-SPM alpha / rank
+    gates: torch.Tensor,  # [B, K] per-sample gates
+    rows_per_sample: int,
+    combine: str = "linear",
+    rank: int = 1,
+) -> torch.Tensor:
+    """Gate the shrink output: returns c [M, K*r] in z's dtype (math in z's dtype)."""
+    if combine not in COMBINES:
+        raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
+    m, kr = z.shape
+    k = gates.shape[1]
+    if kr != k * rank:
+        raise ValueError(f"z has {kr} columns, expected K*r = {k}*{rank}")
+    b = gates.shape[0]
+    if m != b * rows_per_sample:
+        raise ValueError(f"{m} rows do not split into {b} samples of {rows_per_sample} rows")
+    g = gates.to(z.dtype)
+    s = scale.to(z.dtype)
+    z3 = z.view(b, rows_per_sample, k, rank)
+    if combine == "linear":
+        coef = (g * s)[:, None, :, None]  # [B, 1, K, 1]
+        c = z3 * coef
+    else:
+        w = (z3 * g[:, None, :, None]).sum(dim=2, keepdim=True)  # [B, rows, 1, r]
+        c = w * (g * s[0])[:, None, :, None]  # [B, rows, K, r]
+    return c.reshape(m, kr)
+
+
+def gated_spm_linear_ref(
+    x: torch.Tensor,  # [M, in]
+    weight: torch.Tensor,  # [out, in]
+    bias: torch.Tensor | None,  # [out]
+    down: torch.Tensor,  # [K*r, in]
+    up: torch.Tensor,  # [out, K*r]
+    scale: torch.Tensor,  # [K]
+    gates: torch.Tensor,  # [B, K]
+    rows_per_sample: int,
+    combine: str = "linear",
+    rank: int = 1,
+    upcast: bool = False,
+) -> torch.Tensor:
+    """y = x W^T + b + coefficients(x D^T) U^T  ->  [M, out].
+
+    ``upcast=True`` computes in float64 and returns float64 (the test oracle); otherwise the
+    math runs in x's dtype, as PyTorch would.
+
+    Example::
+
+        >>> x = torch.randn(6, 8); W = torch.randn(5, 8); D = torch.randn(2, 8); U = torch.randn(5, 2)
+        >>> y = gated_spm_linear_ref(x, W, None, D, U, torch.ones(2), torch.tensor([[1., 0.]]), 6)
+        >>> torch.allclose(y, x @ W.T + (x @ D[:1].T) @ U[:, :1].T, atol=1e-5)
+        True
+    """
+    if upcast:
+        x, weight, down, up = (t.double() for t in (x, weight, down, up))
+        bias = bias.double() if bias is not None else None
+    y = torch.nn.functional.linear(x, weight, bias)
+    z = torch.nn.functional.linear(x, down)
+    c = spm_coefficients(z, scale, gates, rows_per_sample, combine, rank)
+    return y + c @ up.t()
+
+
+def merged_weight_ref(
+    weight: torch.Tensor,  # [out, in]
+    down: torch.Tensor,  # [K*r, in]
+    up: torch.Tensor,  # [out, K*r]
+    scale: torch.Tensor,  # [K]
+    gates: torch.Tensor,  # [K] one gate vector
+    combine: str = "linear",
+    rank: int = 1,
+) -> torch.Tensor:
+    """W + (the SPM update for one gate vector), computed in float32 and cast back: [out, in]."""
+    k = gates.shape[0]
+    d = down.float().view(k, rank, -1)
+    u = up.float().view(up.shape[0], k, rank)
+    g = gates.float()
+    s = scale.float()
+    if combine == "linear":
+        delta = torch.einsum("okr,k,kri->oi", u, g * s, d)
+    elif combine == "official":
+        u_sum = torch.einsum("okr,k->or", u, g)
+        d_sum = torch.einsum("kri,k->ri", d, g)
+        delta = s[0] * (u_sum @ d_sum)
+    else:
+        raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
+    return (weight.float() + delta).to(weight.dtype)

@@ -1,0 +1,48 @@
+"""The ``spm-rt`` console script. Thin: parse, call the library, print/save.
+
+Subcommands register themselves: each module listed in ``_COMMAND_MODULES`` defines
+``add_subcommands(subparsers)`` and sets ``func`` on its parsers (``parser.set_defaults(func=...)``);
+``func(args)`` returns an exit code (or None for 0). Modules are imported only to build the
+parser; heavy imports belong inside the ``func``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+_COMMAND_MODULES = (
+    "spm_rt.commands",  # generate, inspect
+    "spm_rt.train.commands",  # train
+    "spm_rt.world.commands",  # world train/eval/demo
+    "spm_rt.export.commands",  # export onnx/engine/refit
+    "spm_rt.bench_commands",  # bench report
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spm-rt", description="SPM concept erasure runtime for diffusers pipelines")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # that room has no commands yet
+                continue
+            raise
+        module.add_subcommands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    code = args.func(args)
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The one stacked representation of K SPMs for one adapted module.
+
+Every consumer (merged weights, the gated torch path, Triton kernels, training, ONNX export)
+reads this layout and no other::
+
+    down  [K*r, in]   rows k*r .. k*r+r-1 belong to SPM k (zero rows where SPM k has rank < r
+                      or does not adapt this module)
+    up    [out, K*r]  columns likewise
+    scale [K]         float32, alpha_k / r_k of this module
+    rank  r           the largest rank among the K SPMs
+
+Tensors live in the adapted module's dtype and device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from spm_rt.formats import SPM, ModuleWeights, SPMFormatError, adapted_modules, module_shape, resolve
+
+
+@dataclass
+class Stack:
+    down: torch.Tensor  # [K*r, in]
+    up: torch.Tensor  # [out, K*r]
+    scale: torch.Tensor  # [K] float32
+    rank: int
+
+    @property
+    def num_spms(self) -> int:
+        return self.scale.shape[0]
+
+    def to(self, device=None, dtype=None) -> "Stack":
+        return Stack(self.down.to(device=device, dtype=dtype), self.up.to(device=device, dtype=dtype),
+                     self.scale.to(device=device), self.rank)
+
+
+def stack_module(module: nn.Module, per_spm: list[ModuleWeights | None], rank: int) -> Stack:
+    """Stack the K SPMs' weights for one module (None where an SPM does not adapt it)."""
+    out_f, in_f = module_shape(module)
+    k = len(per_spm)
+    w = module.weight
+    down = torch.zeros(k * rank, in_f, dtype=w.dtype, device=w.device)
+    up = torch.zeros(out_f, k * rank, dtype=w.dtype, device=w.device)
+    scale = torch.zeros(k, dtype=torch.float32, device=w.device)
+    for i, mw in enumerate(per_spm):
+        if mw is None:
+            continue
+        r = mw.rank
+        down[i * rank : i * rank + r] = mw.down.to(device=w.device, dtype=w.dtype)
+        up[:, i * rank : i * rank + r] = mw.up.to(device=w.device, dtype=w.dtype)
+        scale[i] = mw.alpha / r
+    return Stack(down, up, scale, rank)
+
+
+def build_stacks(unet: nn.Module, spms: list[SPM]) -> dict[str, Stack]:
+    """Validate ``spms`` against ``unet`` and stack them per adapted module.
+
+    Validation happens for every SPM before anything is built, so a bad SPM raises
+    :class:`SPMFormatError` without side effects.
+    """
+    if not spms:
+        raise SPMFormatError("no SPMs given")
+    modules = adapted_modules(unet)
+    if not modules:
+        raise SPMFormatError(f"{type(unet).__name__} has no Transformer2DModel with Linear/Conv2d layers to adapt")
+    resolved = [resolve(spm, modules) for spm in spms]
+    rank = max(max(w.rank for w in r.values()) for r in resolved)
+    return {path: stack_module(mod, [r.get(path) for r in resolved], rank) for path, mod in modules.items()}
