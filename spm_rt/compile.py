@@ -1,0 +1,238 @@
+"""``spm_rt.compile(pipe, spms)``: patch a diffusers SD pipeline so it erases the SPMs' concepts."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from spm_rt import gating
+from spm_rt.formats import SPM, SPMFormatError, load_spm
+from spm_rt.functional import BACKENDS
+from spm_rt.kernels.reference import COMBINES
+from spm_rt.layers import STRATEGIES, LayerConfig, SPMLayer, patch, unpatch
+from spm_rt.stack import build_stacks
+from spm_rt.transport import TRANSPORTS, Transport
+
+
+@dataclass
+class SPMConfig:
+    """How a compiled pipeline erases.
+
+    combine:   "linear" (the paper's sum of gated updates) or "official" (the reference code's
+               gamma-scaled key-by-key sum: quadratic in the gates, with cross terms).
+    transport: "clipcos_tokenuni" (default), "clipcos", "tokenuni", or "fixed" (gates come from
+               ``fixed_gates`` or each call's ``gates=``, like the reference's manual multipliers).
+    strategy:  "auto" (merged when every row of a UNet batch has the same gates, gated otherwise),
+               "merged" or "gated".
+    backend:   "auto" (triton on CUDA when installed, torch otherwise), "torch" or "triton".
+    merge_cache_size: merged weight copies kept per layer (one per distinct gate vector).
+    fixed_gates: default gates [K] for transport="fixed" (ones when None).
+    """
+
+    combine: str = "linear"
+    transport: str = "clipcos_tokenuni"
+    strategy: str = "auto"
+    backend: str = "auto"
+    merge_cache_size: int = 2
+    fixed_gates: list[float] | None = None
+
+    def validate(self) -> None:
+        for name, value, allowed in (("combine", self.combine, COMBINES), ("transport", self.transport, TRANSPORTS),
+                                     ("strategy", self.strategy, STRATEGIES), ("backend", self.backend, BACKENDS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.merge_cache_size < 1:
+            raise ValueError("merge_cache_size must be >= 1")
+
+
+def _load_all(spms, concepts) -> list[SPM]:
+    if isinstance(spms, (str, os.PathLike, SPM)):
+        spms = [spms]
+    spms = list(spms)
+    if concepts is not None and len(concepts) != len(spms):
+        raise ValueError(f"concepts names {len(concepts)} SPMs, {len(spms)} given")
+    out = []
+    for i, s in enumerate(spms):
+        names = None if concepts is None else concepts[i]
+        if isinstance(s, SPM):
+            if names is not None:
+                s = replace(s, concepts=[names] if isinstance(names, str) else list(names))
+            out.append(s)
+        elif isinstance(s, (str, os.PathLike)):
+            out.append(load_spm(s, concepts=names))
+        else:
+            raise TypeError(f"spms[{i}] must be a path or an SPM, got {type(s).__name__}")
+    return out
+
+
+class SPMPipeline:
+    """A diffusers pipeline patched with SPMs. Calling it calls the pipeline with gates computed
+    from the prompts (Facilitated Transport) or given explicitly.
+
+    Example::
+
+        >>> import spm_rt
+        >>> from spm_rt.testing import tiny_pipeline, random_spm
+        >>> pipe = tiny_pipeline(0)
+        >>> rt = spm_rt.compile(pipe, [random_spm(pipe.unet, "circle")])
+        >>> out = rt(["a red circle", "a blue square"], num_inference_steps=2, output_type="np")
+        >>> out.images.shape
+        (2, 32, 32, 3)
+        >>> rt.remove()  # the pipeline is bit-exactly the original again
+    """
+
+    def __init__(self, pipe, spms: list[SPM], config: SPMConfig):
+        self.pipe = pipe
+        self.config = config
+        self.layer_config = LayerConfig(config.combine, config.strategy, config.backend, config.merge_cache_size)
+        self.layers: dict[str, SPMLayer] = {}
+        self.spms: list[SPM] = []
+        self.transport: Transport | None = None
+        self._install(spms, first=True)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def _prepare(self, spms: list[SPM]):
+        """Everything that can fail, with no side effects: stacks and transport."""
+        stacks = build_stacks(self.pipe.unet, spms)
+        transport = None
+        if self.config.transport != "fixed":
+            transport = Transport(self.pipe, [s.concepts or [] for s in spms], self.config.transport)
+        if self.config.fixed_gates is not None and len(self.config.fixed_gates) != len(spms):
+            raise ValueError(f"fixed_gates has {len(self.config.fixed_gates)} values for {len(spms)} SPMs")
+        return stacks, transport
+
+    def _install(self, spms: list[SPM], first: bool = False) -> None:
+        stacks, transport = self._prepare(spms)
+        if first:
+            self.layers = patch(self.pipe.unet, stacks, self.layer_config)
+        else:
+            if set(stacks) != set(self.layers):
+                raise SPMFormatError("the new SPMs adapt a different set of modules")
+            for path, layer in self.layers.items():
+                layer.set_stack(stacks[path])
+        self.spms, self.transport = spms, transport
+
+    def set_spms(self, spms, *, concepts=None) -> "SPMPipeline":
+        """Swap the concept set in place (all or nothing); returns self.
+
+        Example::
+
+            >>> rt.set_spms(["snoopy.safetensors", "mickey.safetensors"])  # doctest: +SKIP
+        """
+        self._check_live()
+        self._install(_load_all(spms, concepts))
+        return self
+
+    def remove(self):
+        """Restore the original pipeline bit-exactly (the original module objects); returns it."""
+        self._check_live()
+        unpatch(self.pipe.unet, self.layers)
+        self.layers = {}
+        del self.pipe._spm_rt
+        pipe, self.pipe = self.pipe, None
+        return pipe
+
+    def _check_live(self):
+        if self.pipe is None:
+            raise RuntimeError("this SPMPipeline was removed")
+
+    # -- gates ---------------------------------------------------------------------------------
+    @property
+    def concepts(self) -> list[list[str] | None]:
+        """Concept names of each SPM, in gate order."""
+        return [s.concepts for s in self.spms]
+
+    @property
+    def num_spms(self) -> int:
+        return len(self.spms)
+
+    def gates(self, prompts: str | list[str]) -> torch.Tensor:
+        """Gates ``[B, K]`` the pipeline would use for these prompts.
+
+        Example::
+
+            >>> rt.gates(["a red circle", "a blue square"])  # doctest: +SKIP
+            tensor([[0.9964], [0.7015]])
+        """
+        self._check_live()
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if self.transport is None:
+            fixed = self.config.fixed_gates or [1.0] * self.num_spms
+            return torch.tensor(fixed, dtype=torch.float32).expand(len(prompts), -1).clone()
+        return self.transport.gates(prompts)
+
+    def _call_gates(self, prompt, gates, kwargs) -> torch.Tensor:
+        k = self.num_spms
+        if isinstance(prompt, str):
+            n_prompts = 1
+        elif prompt is not None:
+            n_prompts = len(prompt)
+        else:
+            emb = kwargs.get("prompt_embeds")
+            n_prompts = emb.shape[0] if emb is not None else 1
+        if gates is not None:
+            g = torch.as_tensor(gates, dtype=torch.float32).cpu()
+            if g.dim() == 1:
+                g = g[None].expand(n_prompts, -1)
+            if g.dim() != 2 or g.shape[1] != k or g.shape[0] != n_prompts:
+                raise ValueError(f"gates must be [K]={[k]} or [B, K]={[n_prompts, k]}, got {list(g.shape)}")
+            if not torch.isfinite(g).all():
+                raise ValueError("gates must be finite")
+            return g
+        if prompt is None:
+            if self.transport is not None:
+                raise ValueError("prompt_embeds without prompt: pass gates=... (transport needs the prompt text)")
+            return self.gates([""] * n_prompts)
+        return self.gates(prompt)
+
+    def __call__(self, prompt=None, *args, gates=None, **kwargs):
+        """Run the pipeline with the SPMs gated per prompt; returns what ``pipe(...)`` returns.
+
+        ``gates`` ([K] or [B, K]) overrides Facilitated Transport.
+        """
+        self._check_live()
+        g = self._call_gates(prompt, gates, kwargs)
+        per = int(kwargs.get("num_images_per_prompt") or 1)
+        with gating.use_gates(g, per):
+            return self.pipe(prompt, *args, **kwargs)
+
+    def __getattr__(self, name):  # pipeline attributes (unet, vae, device, ...) pass through
+        if name == "pipe":
+            raise AttributeError(name)
+        return getattr(self.pipe, name)
+
+    def __repr__(self) -> str:
+        return (f"SPMPipeline({type(self.pipe).__name__ if self.pipe else 'removed'}, spms={self.concepts}, "
+                f"combine={self.config.combine}, transport={self.config.transport}, strategy={self.config.strategy}, "
+                f"backend={self.config.backend}, layers={len(self.layers)})")
+
+
+def compile(pipe, spms, *, combine: str = "linear", transport: str = "clipcos_tokenuni", strategy: str = "auto",
+            backend: str = "auto", concepts: list | None = None, config: SPMConfig | None = None,
+            **config_kwargs) -> SPMPipeline:
+    """Patch ``pipe`` (any diffusers Stable Diffusion 1.x/2.x/XL pipeline, text-to-image,
+    img2img or inpaint) with ``spms`` (paths or loaded SPMs) and return an :class:`SPMPipeline`.
+
+    The pipeline is patched per instance and all-or-nothing: any error (a bad file, an SPM made
+    for another architecture, a bad option) leaves it untouched. ``concepts`` names each SPM's
+    concepts where files lack the metadata (a list with one entry per SPM: a name or a list).
+
+    Example::
+
+        >>> import spm_rt, diffusers
+        >>> pipe = diffusers.StableDiffusionPipeline.from_pretrained("path/to/sd-v1-4")  # doctest: +SKIP
+        >>> rt = spm_rt.compile(pipe, ["snoopy.safetensors", "mickey.safetensors"])  # doctest: +SKIP
+        >>> image = rt("a photo of snoopy").images[0]  # doctest: +SKIP
+    """
+    if getattr(pipe, "_spm_rt", None) is not None:
+        raise RuntimeError("this pipeline is already compiled with spm_rt: use rt.set_spms(...) or rt.remove() first")
+    if getattr(pipe, "unet", None) is None:
+        raise TypeError(f"{type(pipe).__name__} has no UNet: spm_rt supports Stable Diffusion (1.x/2.x/XL) pipelines")
+    cfg = config or SPMConfig()
+    cfg = replace(cfg, combine=combine, transport=transport, strategy=strategy, backend=backend, **config_kwargs) \
+        if config is None else cfg
+    cfg.validate()
+    rt = SPMPipeline(pipe, _load_all(spms, concepts), cfg)
+    pipe._spm_rt = rt
+    return rt

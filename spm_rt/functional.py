@@ -1,0 +1,133 @@
+"""The gated multi-SPM projection on tensors, with backend dispatch.
+
+``torch`` backend: two extra small GEMMs with in-place gating and an in-place ``addmm_`` expand
+(no concatenated weights, no output copies). ``triton`` backend: the fused kernels in
+``spm_rt.kernels.gated_linear`` (CUDA, or CPU under ``TRITON_INTERPRET=1``). Both are
+autograd-compatible for the training path (the torch one through PyTorch's own autograd).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@functools.lru_cache(maxsize=1)
+def is_triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'auto' -> 'triton' on CUDA when triton imports, else 'torch'."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        # device first: importing triton costs seconds and is pointless on a CPU tensor
+        return "triton" if device.type == "cuda" and is_triton_available() else "torch"
+    if backend == "triton":
+        if not is_triton_available():
+            raise ImportError("backend='triton' needs triton: pip install 'spm_rt[triton]'")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(f"backend='triton' on a {device.type} tensor needs TRITON_INTERPRET=1 "
+                               "(set before triton is imported) or a CUDA device")
+    return backend
+
+
+def sample_coefficients(
+    gates: torch.Tensor,  # [N, K] float32, one row per sample
+    scale: torch.Tensor,  # [K] float32
+    combine: str,
+    rank: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Linear mode: per-sample multipliers of z, [N, K*r]."""
+    return (gates * scale).repeat_interleave(rank, dim=1).to(dtype)
+
+
+def _gate_z(z3: torch.Tensor, gates: torch.Tensor, scale: torch.Tensor, combine: str, rank: int) -> torch.Tensor:
+    """z3 [N, S, K*r] -> coefficients [N, S, K*r] (in place for linear)."""
+    n, s, kr = z3.shape
+    k = kr // rank
+    if combine == "linear":
+        coef = sample_coefficients(gates, scale, combine, rank, z3.dtype)  # [N, K*r]
+        if z3.requires_grad:
+            return z3 * coef[:, None, :]
+        return z3.mul_(coef[:, None, :])
+    g = gates.to(z3.dtype)
+    w = (z3.view(n, s, k, rank) * g[:, None, :, None]).sum(dim=2, keepdim=True)  # [N, S, 1, r]
+    return (w * (g * scale[0].to(z3.dtype))[:, None, :, None]).reshape(n, s, kr)
+
+
+def gated_linear(
+    x: torch.Tensor,  # [N, ..., in]
+    weight: torch.Tensor,  # [out, in]
+    bias: torch.Tensor | None,  # [out]
+    down: torch.Tensor,  # [K*r, in]
+    up: torch.Tensor,  # [out, K*r]
+    scale: torch.Tensor,  # [K] float32
+    gates: torch.Tensor,  # [N, K] float32, one row per leading index of x
+    combine: str = "linear",
+    rank: int = 1,
+    backend: str = "torch",
+) -> torch.Tensor:
+    """``x W^T + b + coefficients(x D^T) U^T`` with per-sample gates; returns [N, ..., out]."""
+    n = x.shape[0]
+    in_f = x.shape[-1]
+    x2 = x.reshape(-1, in_f)
+    rows = x2.shape[0] // n
+    if backend == "triton":
+        from spm_rt.kernels.gated_linear import GatedSPMLinearFunction, gated_spm_linear_triton
+
+        x2 = x2.contiguous()
+        if torch.is_grad_enabled() and (x2.requires_grad or down.requires_grad or up.requires_grad):
+            y = GatedSPMLinearFunction.apply(x2, weight, bias, down, up, scale, gates, rows, combine, rank)
+        else:
+            y = gated_spm_linear_triton(x2, weight, bias, down, up, scale, gates, rows, combine, rank)
+        return y.view(*x.shape[:-1], weight.shape[0])
+    y = F.linear(x2, weight, bias)  # [M, out]
+    z = F.linear(x2, down)  # [M, K*r]
+    c = _gate_z(z.view(n, rows, -1), gates, scale, combine, rank).view(-1, z.shape[1])
+    if y.requires_grad or c.requires_grad or up.requires_grad:
+        y = y + c @ up.t()
+    else:
+        y.addmm_(c, up.t())
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def gated_conv1x1(
+    x: torch.Tensor,  # [N, in, H, W]
+    weight: torch.Tensor,  # [out, in, 1, 1]
+    bias: torch.Tensor | None,  # [out]
+    down: torch.Tensor,  # [K*r, in]
+    up: torch.Tensor,  # [out, K*r]
+    scale: torch.Tensor,  # [K]
+    gates: torch.Tensor,  # [N, K]
+    combine: str = "linear",
+    rank: int = 1,
+    backend: str = "torch",
+) -> torch.Tensor:
+    """The same op for a 1x1 Conv2d on NCHW input (SD1.x ``proj_in``/``proj_out``): [N, out, H, W]."""
+    n, c_in, h, w = x.shape
+    if backend == "triton":
+        # The kernels take row-major [M, in]; NHWC view of an NCHW tensor needs one permute copy.
+        x2 = x.permute(0, 2, 3, 1)
+        y = gated_linear(x2, weight.view(weight.shape[0], c_in), bias, down, up, scale, gates, combine, rank, backend)
+        return y.permute(0, 3, 1, 2)
+    y = F.conv2d(x, weight, bias)  # [N, out, H, W]
+    x3 = x.reshape(n, c_in, h * w)
+    z = torch.matmul(down, x3)  # [N, K*r, HW]
+    c = _gate_z(z.transpose(1, 2), gates, scale, combine, rank).transpose(1, 2)  # [N, K*r, HW]
+    y3 = y.view(n, -1, h * w)
+    u = up.unsqueeze(0).expand(n, -1, -1)
+    if y.requires_grad or c.requires_grad or up.requires_grad:
+        return (y3 + torch.bmm(u, c)).view_as(y)
+    y3.baddbmm_(u, c)
+    return y

@@ -1,0 +1,180 @@
+"""Adapted layers: the original Linear / 1x1 Conv2d (kept, never copied) plus the SPM stack.
+
+Two strategies per forward:
+
+* merged: ``W_b = W + update(gates)`` formed once per distinct gate vector and cached (a small
+  LRU); the forward is a plain ``F.linear`` / ``F.conv2d`` with the cached copy. The original
+  weight is never written, so restoring is swapping the module back.
+* gated: the low-rank branch per row (``spm_rt.functional``), needed when rows of one batch
+  carry different gates, and for training (D, U require grad).
+
+``auto`` picks merged when every row of the UNet batch has the same gates, gated otherwise.
+With no gates set (outside a call) or all gates zero, the forward is the base module's own.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spm_rt import gating
+from spm_rt.functional import gated_conv1x1, gated_linear, resolve_backend
+from spm_rt.kernels.reference import merged_weight_ref
+from spm_rt.stack import Stack
+
+STRATEGIES = ("auto", "merged", "gated")
+
+
+@dataclass
+class LayerConfig:
+    """Shared by every adapted layer of one patched UNet (changing it changes them all)."""
+
+    combine: str = "linear"
+    strategy: str = "auto"
+    backend: str = "auto"
+    merge_cache_size: int = 2
+
+
+class SPMLayer(nn.Module):
+    """Base of SPMLinear / SPMConv1x1: holds ``base`` (the original module) and ``stack``."""
+
+    _spm_wrapper = True
+
+    def __init__(self, base: nn.Module, stack: Stack, config: LayerConfig):
+        super().__init__()
+        self.base = base
+        self.config = config
+        self.set_stack(stack)
+
+    def set_stack(self, stack: Stack) -> None:
+        # Plain attributes, not buffers/parameters: the UNet's state_dict stays the base model's.
+        self.stack = stack
+        self._merged: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # -- merged strategy ------------------------------------------------------------------
+    def merged_weight(self, key: tuple, gates: torch.Tensor) -> torch.Tensor:
+        """The merged weight for one gate vector (cached), shaped like ``base.weight``."""
+        cache_key = (self.config.combine, key)
+        with self._lock:
+            hit = self._merged.get(cache_key)
+            if hit is not None:
+                self._merged.move_to_end(cache_key)
+                return hit
+        w = self.base.weight
+        s = self.stack
+        merged = merged_weight_ref(w.reshape(w.shape[0], -1), s.down, s.up, s.scale, gates,
+                                   self.config.combine, s.rank).view_as(w)
+        with self._lock:
+            self._merged[cache_key] = merged
+            while len(self._merged) > max(self.config.merge_cache_size, 1):
+                self._merged.popitem(last=False)
+        return merged
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._merged.clear()
+
+    def _use_merged(self, rows: gating.RowGates) -> bool:
+        if self.stack.down.requires_grad or self.stack.up.requires_grad:
+            return False  # training: gradients must flow through the branch
+        strategy = self.config.strategy
+        return strategy == "merged" or (strategy == "auto" and rows.uniform)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = gating.current()
+        if state is None:
+            return self.base(x)
+        rows = state.rows(x.shape[0], x.device)
+        if rows.all_zero and not (self.stack.down.requires_grad or self.stack.up.requires_grad):
+            return self.base(x)
+        if self._use_merged(rows):
+            if not rows.uniform:
+                raise ValueError("strategy='merged' needs the same gates on every row of the batch; "
+                                 "use strategy='auto' or 'gated' for mixed-prompt batches")
+            return self._base_forward(x, self.merged_weight(rows.key, rows.gates[0]))
+        backend = resolve_backend(self.config.backend, x.device)
+        return self._gated_forward(x, rows.gates, backend)
+
+    def _base_forward(self, x, weight):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _gated_forward(self, x, gates, backend):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        s = self.stack
+        return f"spms={s.num_spms}, rank={s.rank}, combine={self.config.combine}, strategy={self.config.strategy}"
+
+
+class SPMLinear(SPMLayer):
+    """An ``nn.Linear`` with K stacked SPMs."""
+
+    def _base_forward(self, x, weight):
+        return F.linear(x, weight, self.base.bias)
+
+    def _gated_forward(self, x, gates, backend):
+        s = self.stack
+        return gated_linear(x, self.base.weight, self.base.bias, s.down, s.up, s.scale, gates,
+                            self.config.combine, s.rank, backend)
+
+
+class SPMConv1x1(SPMLayer):
+    """A 1x1 ``nn.Conv2d`` (SD1.x ``proj_in``/``proj_out``) with K stacked SPMs."""
+
+    def _base_forward(self, x, weight):
+        return F.conv2d(x, weight, self.base.bias)
+
+    def _gated_forward(self, x, gates, backend):
+        s = self.stack
+        return gated_conv1x1(x, self.base.weight, self.base.bias, s.down, s.up, s.scale, gates,
+                             self.config.combine, s.rank, backend)
+
+
+def wrap(module: nn.Module, stack: Stack, config: LayerConfig) -> SPMLayer:
+    if isinstance(module, nn.Conv2d):
+        return SPMConv1x1(module, stack, config)
+    if isinstance(module, nn.Linear):
+        return SPMLinear(module, stack, config)
+    raise TypeError(f"cannot adapt {type(module).__name__}")
+
+
+def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, name = path.rpartition(".")
+    return (root.get_submodule(parent_path) if parent_path else root), name
+
+
+def patch(unet: nn.Module, stacks: dict[str, Stack], config: LayerConfig) -> dict[str, SPMLayer]:
+    """Replace every module in ``stacks`` by its adapted layer (all or nothing)."""
+    from spm_rt.formats import adapted_modules
+
+    modules = adapted_modules(unet)
+    missing = [p for p in stacks if p not in modules]
+    if missing:
+        raise KeyError(f"no adapted module at {missing[:3]}")
+    layers = {path: wrap(modules[path], stack, config) for path, stack in stacks.items()}
+    done = []
+    try:
+        for path, layer in layers.items():
+            parent, name = _parent(unet, path)
+            if getattr(getattr(parent, name), "_spm_wrapper", False):
+                raise RuntimeError(f"{path} is already patched by spm_rt (call remove() first)")
+            setattr(parent, name, layer)
+            done.append(path)
+    except BaseException:
+        unpatch(unet, {p: layers[p] for p in done})
+        raise
+    return layers
+
+
+def unpatch(unet: nn.Module, layers: dict[str, SPMLayer]) -> None:
+    """Put the original modules back (the same objects: bit-exact)."""
+    for path, layer in layers.items():
+        parent, name = _parent(unet, path)
+        if getattr(parent, name) is layer:
+            setattr(parent, name, layer.base)
+        layer.clear_cache()
