@@ -38,9 +38,14 @@ class GateState:
     prompt_gates: torch.Tensor  # [B, K]
     images_per_prompt: int = 1
     row_gates: torch.Tensor | None = None  # [N, K]
+    traced: bool = False  # inside a graph capture (ONNX export, torch.compile): never read gate values
     _cache: dict = field(default_factory=dict, repr=False)
 
     def rows(self, n_rows: int, device: torch.device) -> RowGates:
+        if self.traced:
+            # Data-dependent checks would bake one gate vector into the graph: always gated.
+            g = self._expand(n_rows).to(device=device, dtype=torch.float32)
+            return RowGates(g, uniform=False, all_zero=False, key=())
         key = (n_rows, str(device))
         hit = self._cache.get(key)
         if hit is not None:
@@ -75,9 +80,11 @@ def current() -> GateState | None:
 
 
 @contextlib.contextmanager
-def use_gates(gates: torch.Tensor | GateState, images_per_prompt: int = 1, *, rows: bool = False):
+def use_gates(gates: torch.Tensor | GateState, images_per_prompt: int = 1, *, rows: bool = False,
+              traced: bool = False):
     """Run the block with these gates: ``[B, K]`` prompt gates (or ``[N, K]`` UNet-row gates when
-    ``rows=True``).
+    ``rows=True``). ``traced=True`` makes every layer take the gated path without inspecting the
+    gate values, as graph capture (ONNX export) needs.
 
     Example::
 
@@ -87,12 +94,13 @@ def use_gates(gates: torch.Tensor | GateState, images_per_prompt: int = 1, *, ro
     if isinstance(gates, GateState):
         state = gates
     else:
-        gates = torch.as_tensor(gates, dtype=torch.float32)
+        if not traced:
+            gates = torch.as_tensor(gates, dtype=torch.float32)
         if gates.dim() == 1:
             gates = gates[None]
         if gates.dim() != 2:
             raise ValueError(f"gates must be [K] or [B, K], got shape {list(gates.shape)}")
-        state = GateState(gates, images_per_prompt, row_gates=gates if rows else None)
+        state = GateState(gates, images_per_prompt, row_gates=gates if rows else None, traced=traced)
     token = _STATE.set(state)
     try:
         yield state
