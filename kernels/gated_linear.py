@@ -1,0 +1,852 @@
+"""Fused gated multi-SPM projection in Triton: forward, backward and the autograd Function.
+
+One op, one file (Liger style). The op is ``gated_spm_linear_ref`` in ``reference.py``::
+
+    z = x D^T                               # [M, K*r]  shrink
+    c = coefficients(z, gates[row // rows_per_sample], scale)   # gated, see reference.py
+    y = x W^T + b + c U^T                   # [M, out]  base GEMM + expand
+
+Two launch patterns for the forward (``pattern=`` on the launchers, "auto" picks):
+
+* ``"fused"`` (pattern A, vLLM fused LoRA / Nunchaku): the shrink ``x D^T`` is a second small
+  ``tl.dot`` inside the base GEMM's reduction loop, reusing the x tile already loaded; the gates
+  are applied in registers and the expand ``c U^T`` is one more dot in the epilogue. x is read
+  once and y written once, so for the memory-bound SD1.5 shapes the branch is nearly free. Every
+  N tile recomputes the shrink, so its extra MMA work is ``pad16(K*r) / BLOCK_N`` of the base GEMM.
+* ``"split"`` (pattern B, LoRAFusion): a small shrink kernel writes ``c`` [M, K*r] once, then the
+  GEMM kernel computes ``x W^T + c U^T + b`` with the expand as extra reduction steps. Better when
+  K*r is large (the redundant per-N-tile shrink of pattern A would cost more than a re-read of x).
+
+``groups=G`` runs G projections that share x (attn1 to_q/to_k/to_v) in one launch over
+concatenated weights; group g's output columns only see group g's coefficients.
+
+The backward (LoRAFusion-style; W, bias, gates and scale are frozen)::
+
+    dc = dy U ;  dz = coefficients(dc)   (the gating is a symmetric linear map in both modes)
+    dU = dy^T c ;  dD = dz^T x ;  dx = dy W + dz D
+
+runs as: the shrink kernel on (dy, U) -> dz; the GEMM kernel in its "load c" mode with
+transposed strides -> dx; a split-M low-rank kernel -> dU and dD. float64 has no Triton path
+(no fp64 ``tl.dot`` on the tensor cores): the autograd Function routes float64 through
+``gated_spm_linear_torch`` / ``gated_spm_linear_bwd_ref``, which are the same formulas in torch,
+so ``torch.autograd.gradcheck`` checks the backward formulas the kernels implement.
+
+Nothing here was timed on a GPU when written: the tile sizes below come from the arithmetic in
+the comments and from the no-GPU compile check (tests/test_kernels_compile.py), not from runs.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as exc:  # pragma: no cover - exercised only without triton
+    raise ImportError("spm_rt.kernels.gated_linear needs triton: pip install 'spm_rt[triton]'") from exc
+
+from spm_rt.kernels.reference import COMBINES, spm_coefficients
+
+__all__ = [
+    "gated_spm_linear_triton",
+    "gated_spm_conv1x1_triton",
+    "GatedSPMLinearFunction",
+    "gated_spm_linear_torch",
+    "gated_spm_linear_bwd_ref",
+]
+
+# ---------------------------------------------------------------------------------------------
+# Tuning constants.
+# Forward tile: 128 x 64 x 64 (fp16/bf16), 4 warps, 3 stages. BLOCK_N = 64 divides every SD1.5
+# width (320/640/1280) so no N tile is wasted, and the n-fastest launch order lets the 5..20 N
+# tiles of one row block share the x tile through L2. The 128x64 fp32 accumulator (64 regs/thread)
+# plus the 128 x pad16(K*r) shrink accumulator fit without spills on sm_90/sm_80 (compile test);
+# the 128x128x64 tile spilled at the register cap in docs/performance.md. Small M (cross-attention
+# k/v: 154 rows) uses 64-row tiles so more programs run. fp32 uses exact ("ieee") dots, which run on
+# FMA units, so its tiles are smaller to stay clear of spills.
+FWD_BLOCK_M = 128
+FWD_BLOCK_M_SMALL = 64  # used when M < FWD_SMALL_M_BELOW
+FWD_SMALL_M_BELOW = 2048
+FWD_BLOCK_N = 64
+FWD_BLOCK_K = 64
+FWD_BLOCK_M_FP32 = 64
+FWD_BLOCK_K_FP32 = 32
+FWD_NUM_WARPS = 4
+FWD_NUM_STAGES = 3
+# Pattern choice: the fused shrink costs pad16(K*r)/BLOCK_N extra MMA per tile (25% at K*r <= 16,
+# 50% at 32, 100% at 64 with BLOCK_N = 64); the split shrink costs a second read of x plus a
+# [M, K*r] round trip. Memory-bound SD1.5 projections absorb the former up to about half the base
+# GEMM, so "auto" fuses up to pad16(K*r) = 32. To be re-measured with bench/bench_kernels.py.
+FUSED_MAX_RANK = 32
+# Expand chunk of the split pattern / backward dx ("load c" mode): K*r is reduced in 64-wide steps.
+LOAD_BLOCK_R = 64
+# Shrink kernel (split pattern, backward dz): full pad16(K*r) per program (the official combine
+# needs every SPM of a row in one program); rows per program shrink as K*r grows to cap registers.
+SHRINK_BLOCK_M = 64
+SHRINK_BLOCK_K = 64
+SHRINK_ACC_ELEMS = 64 * 128  # BLOCK_M * BLOCK_R budget: 64 fp32 accumulator regs/thread at 4 warps
+# Low-rank gradients (dU = dy^T c, dD = dz^T x): tall-skinny reductions over M, split over M into an
+# fp32 workspace (summed in torch, deterministic) so that about LOWRANK_TARGET_PROGRAMS programs
+# run: ~2 waves on a 132-SM H100/H200.
+LOWRANK_BLOCK_M = 64
+LOWRANK_BLOCK_PQ = 64
+LOWRANK_TARGET_PROGRAMS = 264
+# Exact fp32: the contract is fp32 relative error < 1e-5, which tf32 (~3e-4) would break.
+FP32_DOT_PRECISION = "ieee"
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """acc + a @ b. UPCAST_DOT is set only under TRITON_INTERPRET with bfloat16: the interpreter's
+    tl.dot multiplies bf16 bit patterns (triton issue #11584); fp32 products of bf16 values are
+    exact, so the upcast dot computes what the tensor cores do (exact products, fp32 sums)."""
+    if UPCAST_DOT:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return out
+
+
+@triton.jit
+def _row_offsets(pid_m, M, rows_per_sample, tiles_per_sample, stride_b, stride_m,
+                 BLOCK_M: tl.constexpr, SAMPLE_TILES: tl.constexpr):
+    """Rows of one program: flat row index, sample of each row, validity, memory offset (int64).
+
+    SAMPLE_TILES tiles rows inside one sample (NCHW 1x1 conv: sample stride and pixel stride
+    differ); otherwise rows are flat with one row stride.
+    """
+    if SAMPLE_TILES:
+        sid = pid_m // tiles_per_sample
+        row_in = (pid_m % tiles_per_sample) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = row_in < rows_per_sample
+        rows = sid * rows_per_sample + row_in
+        sample = sid + tl.zeros([BLOCK_M], dtype=tl.int32)
+        # clamp out-of-range rows onto valid memory so loads need no row mask
+        row_in = row_in % rows_per_sample
+        mem = sid.to(tl.int64) * stride_b + row_in.to(tl.int64) * stride_m
+    else:
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        sample = rows // rows_per_sample
+        mem = (rows % M).to(tl.int64) * stride_m
+    return rows, sample, row_mask, mem
+
+
+@triton.jit
+def _gate_coefficients(z, gates_ptr, scale_ptr, sample, row_mask, offs_r, KR,
+                       stride_gb, stride_gk, RANK: tl.constexpr, OFFICIAL: tl.constexpr):
+    """c = coefficients(z) for one group's K*r columns (z: [BLOCK_M, BLOCK_R] fp32).
+
+    Padding columns (offs_r >= KR) and rows outside M get gate 0, hence c = 0 there.
+    """
+    r_mask = offs_r < KR
+    spm = offs_r // RANK
+    g = tl.load(gates_ptr + sample.to(tl.int64)[:, None] * stride_gb + spm[None, :] * stride_gk,
+                mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+    if OFFICIAL:
+        zg = z * g
+        if RANK == 1:
+            w = tl.sum(zg, axis=1)[:, None]
+        else:
+            # w[m, j] = sum_k g_k z[m, k*r + j], broadcast back onto every column with col % r == j
+            j = offs_r % RANK
+            w = tl.zeros_like(z)
+            for jj in tl.static_range(RANK):
+                sel = (j == jj)[None, :]
+                wj = tl.sum(tl.where(sel, zg, 0.0), axis=1)
+                w = tl.where(sel, wj[:, None], w)
+        s0 = tl.load(scale_ptr)
+        c = w * g * s0
+    else:
+        s = tl.load(scale_ptr + spm, mask=r_mask, other=0.0)
+        c = z * g * s[None, :]
+    return c
+
+
+@triton.jit
+def _gated_spm_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, down_ptr, up_ptr, scale_ptr, gates_ptr, c_ptr, y_ptr,
+    M, N, IN, KR, rows_per_sample, tiles_per_sample,
+    stride_xb, stride_xm, stride_xk,
+    stride_wn, stride_wk,
+    stride_dr, stride_dk,
+    stride_un, stride_ur,
+    stride_sg, stride_gb, stride_gk,
+    stride_cm, stride_cr,
+    stride_yb, stride_ym, stride_yn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    RANK: tl.constexpr, HAS_BIAS: tl.constexpr, OFFICIAL: tl.constexpr,
+    FUSED_SHRINK: tl.constexpr, STORE_C: tl.constexpr, SAMPLE_TILES: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """y[:, g*N + n] = x W_g^T + c_g U_g^T (+ b): one [BLOCK_M, BLOCK_N] tile of group g.
+
+    FUSED_SHRINK: c_g = coefficients(x D_g^T) from the x tiles of the main loop (pattern A),
+    optionally written to c (STORE_C, for the backward). Otherwise c is read from c_ptr
+    ([M, G*KR]) in BLOCK_R chunks (pattern B, and the backward's dx = dy W + dz D).
+    """
+    pid_n = tl.program_id(0)  # n fastest: the N tiles of one row block run together, sharing x in L2
+    pid_m = tl.program_id(1)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    group = pid_n // tiles_n
+    offs_n = (pid_n % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    cols = (group * N + offs_n).to(tl.int64)  # output column = row of W and U
+    w_cols = (group * N + offs_n % N).to(tl.int64)  # clamped: W loads need no column mask
+
+    rows, sample, row_mask, x_mem = _row_offsets(pid_m, M, rows_per_sample, tiles_per_sample,
+                                                 stride_xb, stride_xm, BLOCK_M, SAMPLE_TILES)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + x_mem[:, None] + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + w_cols[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N]
+    offs_r = tl.arange(0, BLOCK_R)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if FUSED_SHRINK:
+        r_mask = offs_r < KR
+        d_rows = (group * KR + offs_r).to(tl.int64)
+        d_ptrs = down_ptr + d_rows[None, :] * stride_dr + offs_k[:, None] * stride_dk  # [BLOCK_K, BLOCK_R]
+        zacc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+
+    for k0 in range(0, IN, BLOCK_K):
+        if EVEN_K:
+            xt = tl.load(x_ptrs)
+            wt = tl.load(w_ptrs)
+        else:
+            k_mask = (k0 + offs_k) < IN
+            xt = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
+        acc = _mma(xt, wt, acc, DOT_PRECISION, UPCAST_DOT)
+        if FUSED_SHRINK:
+            if EVEN_K:
+                dt = tl.load(d_ptrs, mask=r_mask[None, :], other=0.0)
+            else:
+                dt = tl.load(d_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+            zacc = _mma(xt, dt, zacc, DOT_PRECISION, UPCAST_DOT)
+            d_ptrs += BLOCK_K * stride_dk
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    c_rows = rows.to(tl.int64) * stride_cm
+    if FUSED_SHRINK:
+        c = _gate_coefficients(zacc, gates_ptr, scale_ptr + group * stride_sg, sample, row_mask, offs_r, KR,
+                               stride_gb, stride_gk, RANK, OFFICIAL)
+        if STORE_C:
+            if pid_n % tiles_n == 0:  # one N tile per group writes c for the backward
+                c_ptrs = c_ptr + c_rows[:, None] + (group * KR + offs_r)[None, :] * stride_cr
+                tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & r_mask[None, :])
+        u_ptrs = up_ptr + cols[None, :] * stride_un + offs_r[:, None] * stride_ur  # [BLOCK_R, BLOCK_N]
+        ut = tl.load(u_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = _mma(c.to(ut.dtype), ut, acc, DOT_PRECISION, UPCAST_DOT)
+    else:
+        c_ptrs = c_ptr + c_rows[:, None] + (group * KR + offs_r)[None, :] * stride_cr  # [BLOCK_M, BLOCK_R]
+        u_ptrs = up_ptr + cols[None, :] * stride_un + offs_r[:, None] * stride_ur  # [BLOCK_R, BLOCK_N]
+        for r0 in range(0, KR, BLOCK_R):
+            r_mask = (r0 + offs_r) < KR
+            ct = tl.load(c_ptrs, mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+            ut = tl.load(u_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = _mma(ct.to(ut.dtype), ut, acc, DOT_PRECISION, UPCAST_DOT)
+            c_ptrs += BLOCK_R * stride_cr
+            u_ptrs += BLOCK_R * stride_ur
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=n_mask, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    _, _, _, y_mem = _row_offsets(pid_m, M, rows_per_sample, tiles_per_sample,
+                                  stride_yb, stride_ym, BLOCK_M, SAMPLE_TILES)
+    y_ptrs = y_ptr + y_mem[:, None] + cols[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _gated_shrink_kernel(
+    a_ptr, b_ptr, scale_ptr, gates_ptr, c_ptr,
+    M, KRED, KR, rows_per_sample, tiles_per_sample,
+    stride_ab, stride_am, stride_ak, stride_ag,
+    stride_br, stride_bk, stride_bg,
+    stride_sg, stride_gb, stride_gk,
+    stride_cm, stride_cr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, RANK: tl.constexpr,
+    OFFICIAL: tl.constexpr, SAMPLE_TILES: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """c[:, g*KR + r] = coefficients(sum_k a[:, g, k] b[g, r, k]): one [BLOCK_M, KR] block of group g.
+
+    Forward (split pattern): a = x (shared, stride_ag = 0), b = D_g. Backward: a = dy_g, b = U_g^T,
+    giving dz = coefficients(dy U).
+    """
+    pid_m = tl.program_id(0)
+    group = tl.program_id(1)
+    rows, sample, row_mask, a_mem = _row_offsets(pid_m, M, rows_per_sample, tiles_per_sample,
+                                                 stride_ab, stride_am, BLOCK_M, SAMPLE_TILES)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < KR
+    a_ptrs = a_ptr + group.to(tl.int64) * stride_ag + a_mem[:, None] + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + group.to(tl.int64) * stride_bg + offs_r[None, :] * stride_br + offs_k[:, None] * stride_bk
+    zacc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, KRED, BLOCK_K):
+        if EVEN_K:
+            at = tl.load(a_ptrs)
+            bt = tl.load(b_ptrs, mask=r_mask[None, :], other=0.0)
+        else:
+            k_mask = (k0 + offs_k) < KRED
+            at = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+            bt = tl.load(b_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        zacc = _mma(at, bt, zacc, DOT_PRECISION, UPCAST_DOT)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    c = _gate_coefficients(zacc, gates_ptr, scale_ptr + group * stride_sg, sample, row_mask, offs_r, KR,
+                           stride_gb, stride_gk, RANK, OFFICIAL)
+    c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + (group * KR + offs_r)[None, :] * stride_cr
+    tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def _lowrank_grad_kernel(
+    a_ptr, b_ptr, out_ptr,
+    M, P, Q, rows_per_split,
+    stride_am, stride_ap, stride_ag,
+    stride_bm, stride_bq, stride_bg,
+    stride_os, stride_op, stride_oq,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """out[s, g*P + p, q] = sum over rows m of split s of a[m, g, p] * b[m, g, q]  (fp32 workspace).
+
+    dU = dy^T c (a = dy, b = c, per group) and dD^T = x^T dz (a = x, b = dz, one group).
+    """
+    pid_p = tl.program_id(0)
+    pid_q = tl.program_id(1)
+    split = tl.program_id(2)
+    tiles_p = tl.cdiv(P, BLOCK_P)
+    group = pid_p // tiles_p
+    offs_p = (pid_p % tiles_p) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    p_mask = offs_p < P
+    q_mask = offs_q < Q
+    m_start = split * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    a_ptrs = (a_ptr + group.to(tl.int64) * stride_ag + offs_p[:, None] * stride_ap
+              + offs_m.to(tl.int64)[None, :] * stride_am)  # [BLOCK_P, BLOCK_M]
+    b_ptrs = (b_ptr + group.to(tl.int64) * stride_bg + offs_q[None, :] * stride_bq
+              + offs_m.to(tl.int64)[:, None] * stride_bm)  # [BLOCK_M, BLOCK_Q]
+    acc = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        m_mask = (m0 - m_start + offs_m) < m_end
+        at = tl.load(a_ptrs, mask=p_mask[:, None] & m_mask[None, :], other=0.0)
+        bt = tl.load(b_ptrs, mask=m_mask[:, None] & q_mask[None, :], other=0.0)
+        acc = _mma(at, bt, acc, DOT_PRECISION, UPCAST_DOT)
+        a_ptrs += BLOCK_M * stride_am
+        b_ptrs += BLOCK_M * stride_bm
+    out_ptrs = (out_ptr + split.to(tl.int64) * stride_os + (group * P + offs_p)[:, None] * stride_op
+                + offs_q[None, :] * stride_oq)
+    tl.store(out_ptrs, acc, mask=p_mask[:, None] & q_mask[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreting() -> bool:
+    """True when the kernels were built by TRITON_INTERPRET=1 (they then run on CPU tensors)."""
+    return not isinstance(_gated_spm_fwd_kernel, triton.runtime.JITFunction)
+
+
+def _pad16(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return FP32_DOT_PRECISION if dtype == torch.float32 else "tf32"  # ignored for 16-bit inputs
+
+
+def _upcast_dot(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and _interpreting()
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else _NullContext()
+
+
+class _NullContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _validate(x, x_features, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank, groups, m_rows):
+    """Check everything a launch relies on; returns (N per group, K, K*r)."""
+    if combine not in COMBINES:
+        raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32 for the Triton path, got {x.dtype}")
+    named = {"weight": weight, "down": down, "up": up, "bias": bias}
+    for name, t in named.items():
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}, expected x's dtype {x.dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (call .contiguous() once when stacking)")
+    for name, t in {"scale": scale, "gates": gates}.items():
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {t.dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    all_t = [x, weight, down, up, scale, gates] + ([bias] if bias is not None else [])
+    if any(t.device != x.device for t in all_t):
+        raise ValueError(f"all tensors must be on one device, got {sorted({str(t.device) for t in all_t})}")
+    if not x.is_cuda and not _interpreting():
+        raise ValueError(f"the Triton path needs CUDA tensors (got {x.device}); use gated_spm_linear_ref on CPU")
+    if weight.dim() != 2 or down.dim() != 2 or up.dim() != 2:
+        raise ValueError("weight, down and up must be 2-D: [G*out, in], [G*K*r, in], [G*out, K*r]")
+    if gates.dim() != 2:
+        raise ValueError(f"gates must be [B, K], got shape {tuple(gates.shape)}")
+    n_total, in_f = weight.shape
+    if n_total % groups:
+        raise ValueError(f"weight has {n_total} rows, not divisible by groups={groups}")
+    n = n_total // groups
+    k = gates.shape[1]
+    kr = k * rank
+    if x_features != in_f:
+        raise ValueError(f"x has {x_features} features, weight expects {in_f}")
+    if tuple(down.shape) != (groups * kr, in_f):
+        raise ValueError(f"down must be [G*K*r, in] = [{groups * kr}, {in_f}], got {tuple(down.shape)}")
+    if tuple(up.shape) != (n_total, kr):
+        raise ValueError(f"up must be [G*out, K*r] = [{n_total}, {kr}], got {tuple(up.shape)}")
+    if bias is not None and tuple(bias.shape) != (n_total,):
+        raise ValueError(f"bias must be [G*out] = [{n_total}], got {tuple(bias.shape)}")
+    if scale.dim() != 1 or scale.shape[0] not in (k, groups * k):
+        raise ValueError(f"scale must be [K] or [G*K] with K = {k}, got {tuple(scale.shape)}")
+    if not isinstance(rows_per_sample, int) or rows_per_sample < 1:
+        raise ValueError(f"rows_per_sample must be a positive int, got {rows_per_sample!r}")
+    if gates.shape[0] * rows_per_sample != m_rows:
+        raise ValueError(f"{m_rows} rows do not split into {gates.shape[0]} samples of {rows_per_sample} rows")
+    return n, k, kr
+
+
+def _pick_pattern(pattern: str | None, kr: int) -> bool:
+    """True for the fused shrink (pattern A)."""
+    if pattern in (None, "auto"):
+        return _pad16(kr) <= FUSED_MAX_RANK
+    if pattern not in ("fused", "split"):
+        raise ValueError(f"pattern must be 'auto', 'fused' or 'split', got {pattern!r}")
+    return pattern == "fused"
+
+
+def _fwd_tiles(m_rows: int, n: int, in_f: int, dtype: torch.dtype):
+    if dtype == torch.float32:
+        bm, bk = FWD_BLOCK_M_FP32, FWD_BLOCK_K_FP32
+    else:
+        bm = FWD_BLOCK_M if m_rows >= FWD_SMALL_M_BELOW else FWD_BLOCK_M_SMALL
+        bk = FWD_BLOCK_K
+    # tiles never larger than the (power-of-two rounded) problem, and at least 16 for tl.dot
+    bm = min(bm, _pad16(m_rows))
+    bn = min(FWD_BLOCK_N, _pad16(n))
+    bk = min(bk, _pad16(in_f))
+    return bm, bn, bk
+
+
+def _shrink_block_m(block_r: int) -> int:
+    return max(16, min(SHRINK_BLOCK_M, SHRINK_ACC_ELEMS // block_r))
+
+
+def _launch_shrink(a, a_strides, stride_ag, b, stride_br, stride_bk, stride_bg, scale, stride_sg, gates,
+                   c, m_rows, kred, kr, groups, rows_per_sample, sample_tiles, combine, rank):
+    """c [M, G*KR] = coefficients(a_g b_g^T) for every group g (see _gated_shrink_kernel)."""
+    block_r = _pad16(kr)
+    block_m = min(_shrink_block_m(block_r), _pad16(rows_per_sample if sample_tiles else m_rows))
+    block_k = min(SHRINK_BLOCK_K if a.dtype != torch.float32 else FWD_BLOCK_K_FP32, _pad16(kred))
+    tiles_per_sample = triton.cdiv(rows_per_sample, block_m)
+    m_tiles = gates.shape[0] * tiles_per_sample if sample_tiles else triton.cdiv(m_rows, block_m)
+    _gated_shrink_kernel[(m_tiles, groups)](
+        a, b, scale, gates, c,
+        m_rows, kred, kr, rows_per_sample, tiles_per_sample,
+        *a_strides, stride_ag,
+        stride_br, stride_bk, stride_bg,
+        stride_sg, gates.stride(0), gates.stride(1),
+        c.stride(0), c.stride(1),
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, RANK=rank,
+        OFFICIAL=combine == "official", SAMPLE_TILES=sample_tiles, EVEN_K=kred % block_k == 0,
+        DOT_PRECISION=_dot_precision(a.dtype), UPCAST_DOT=_upcast_dot(a.dtype),
+        num_warps=FWD_NUM_WARPS, num_stages=FWD_NUM_STAGES,
+    )
+
+
+def _launch_forward(x, x_strides, m_rows, rows_per_sample, sample_tiles, weight, bias, down, up, scale, gates,
+                    combine, rank, groups, n, kr, y, y_strides, c_out, fused):
+    """Run the forward into y; c_out ([M, G*K*r] or None) receives the coefficients."""
+    in_f = weight.shape[1]
+    bm, bn, bk = _fwd_tiles(rows_per_sample if sample_tiles else m_rows, n, in_f, x.dtype)
+    stride_sg = 0 if scale.shape[0] == gates.shape[1] else gates.shape[1]  # 0: one scale shared by groups
+    if not fused:
+        if c_out is None:
+            c_out = torch.empty((m_rows, groups * kr), device=x.device, dtype=x.dtype)
+        _launch_shrink(x, x_strides, 0, down, down.stride(0), down.stride(1), kr * down.stride(0),
+                       scale, stride_sg, gates, c_out, m_rows, in_f, kr, groups, rows_per_sample,
+                       sample_tiles, combine, rank)
+        block_r = min(LOAD_BLOCK_R, _pad16(kr))
+    else:
+        block_r = _pad16(kr)
+    tiles_per_sample = triton.cdiv(rows_per_sample, bm)
+    m_tiles = gates.shape[0] * tiles_per_sample if sample_tiles else triton.cdiv(m_rows, bm)
+    grid = (groups * triton.cdiv(n, bn), m_tiles)
+    c_arg = c_out if c_out is not None else y
+    _gated_spm_fwd_kernel[grid](
+        x, weight, bias if bias is not None else x, down, up, scale, gates, c_arg, y,
+        m_rows, n, in_f, kr, rows_per_sample, tiles_per_sample,
+        *x_strides,
+        weight.stride(0), weight.stride(1),
+        down.stride(0), down.stride(1),
+        up.stride(0), up.stride(1),
+        stride_sg, gates.stride(0), gates.stride(1),
+        c_arg.stride(0) if c_out is not None else 0, c_arg.stride(1) if c_out is not None else 0,
+        *y_strides,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, RANK=rank,
+        HAS_BIAS=bias is not None, OFFICIAL=combine == "official",
+        FUSED_SHRINK=fused, STORE_C=fused and c_out is not None, SAMPLE_TILES=sample_tiles,
+        EVEN_K=in_f % bk == 0, DOT_PRECISION=_dot_precision(x.dtype), UPCAST_DOT=_upcast_dot(x.dtype),
+        num_warps=FWD_NUM_WARPS, num_stages=FWD_NUM_STAGES,
+    )
+    return c_out
+
+
+def _forward_2d(x, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank, groups, pattern,
+                store_c):
+    """x [..., in] -> (y [..., G*out], c [M, G*K*r] or None)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    m_rows = x2.shape[0]
+    n, k, kr = _validate(x2, x2.shape[1], weight, bias, down, up, scale, gates, rows_per_sample, combine, rank, groups, m_rows)
+    if x2.stride(-1) != 1:
+        raise ValueError("x must have a contiguous last dimension (rows may be strided)")
+    y = torch.empty((m_rows, weight.shape[0]), device=x.device, dtype=x.dtype)
+    c = torch.empty((m_rows, groups * kr), device=x.device, dtype=x.dtype) if store_c else None
+    if m_rows > 0:
+        fused = _pick_pattern(pattern, kr)
+        with _device_guard(x):
+            _launch_forward(x2, (0, x2.stride(0), x2.stride(1)), m_rows, rows_per_sample, False, weight, bias,
+                            down, up, scale, gates, combine, rank, groups, n, kr,
+                            y, (0, y.stride(0), y.stride(1)), c, fused)
+    return y.reshape(*lead, weight.shape[0]), c
+
+
+def gated_spm_linear_triton(
+    x: torch.Tensor,  # [M, in] (or [..., in]); fp16 / bf16 / fp32, last dim contiguous
+    weight: torch.Tensor,  # [G*out, in]  G projections sharing x, concatenated
+    bias: torch.Tensor | None,  # [G*out]
+    down: torch.Tensor,  # [G*K*r, in]  each group's stack of K SPM downs
+    up: torch.Tensor,  # [G*out, K*r]  each group's ups, stacked along out
+    scale: torch.Tensor,  # [K] (shared by the groups) or [G*K], float32
+    gates: torch.Tensor,  # [B, K] float32, per-sample gates; M = B * rows_per_sample
+    rows_per_sample: int,
+    combine: str = "linear",
+    rank: int = 1,
+    groups: int = 1,
+    *,
+    pattern: str = "auto",  # "fused" (shrink inside the GEMM), "split" (separate shrink), "auto"
+) -> torch.Tensor:
+    """Fused ``y = x W^T + b + coefficients(x D^T) U^T`` -> [M, G*out] in x's dtype (no autograd).
+
+    Same contract as ``gated_spm_linear_ref`` (fp32 accumulation); with ``groups=G`` the G
+    projections sharing x run in one launch and group g's columns use group g's SPMs only.
+
+    Example::
+
+        >>> x = torch.randn(154, 768, device="cuda", dtype=torch.float16)  # doctest: +SKIP
+        >>> W = torch.randn(320, 768, device="cuda", dtype=torch.float16)  # doctest: +SKIP
+        >>> D, U = torch.randn(4, 768, ...), torch.randn(320, 4, ...)  # K = 4 rank-1 SPMs  # doctest: +SKIP
+        >>> y = gated_spm_linear_triton(x, W, None, D, U, torch.ones(4, device="cuda"),
+        ...                             torch.rand(2, 4, device="cuda"), rows_per_sample=77)  # doctest: +SKIP
+    """
+    y, _ = _forward_2d(x, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank, groups,
+                       pattern, store_c=False)
+    return y
+
+
+def gated_spm_conv1x1_triton(
+    x_nchw: torch.Tensor,  # [N, C_in, H, W]; NCHW or channels_last, (H, W) must flatten to one stride
+    weight: torch.Tensor,  # [out, in] or [out, in, 1, 1]
+    bias: torch.Tensor | None,  # [out]
+    down: torch.Tensor,  # [K*r, in] or [K*r, in, 1, 1]
+    up: torch.Tensor,  # [out, K*r] or [out, K*r, 1, 1]
+    scale: torch.Tensor,  # [K] float32
+    gates: torch.Tensor,  # [N, K] float32: one gate vector per image, rows_per_sample = H*W
+    combine: str = "linear",
+    rank: int = 1,
+    *,
+    pattern: str = "auto",
+) -> torch.Tensor:
+    """Gated SPM 1x1 Conv2d (SD1.x proj_in / proj_out) read and written in x's own layout.
+
+    No permute copy: the kernel tiles rows inside one image, so the pixel stride (1 in NCHW,
+    C in channels_last) and the image stride are separate kernel strides. Output [N, out, H, W]
+    in x's memory format and dtype. Forward only (no autograd).
+
+    Example::
+
+        >>> y = gated_spm_conv1x1_triton(x, conv.weight, conv.bias, D, U, scale, gates)  # doctest: +SKIP
+    """
+    if x_nchw.dim() != 4:
+        raise ValueError(f"x_nchw must be [N, C, H, W], got shape {tuple(x_nchw.shape)}")
+
+    def _flat(t, name):
+        if t is not None and t.dim() == 4:
+            if t.shape[2:] != (1, 1):
+                raise ValueError(f"{name} must be a 1x1 kernel, got shape {tuple(t.shape)}")
+            return t.reshape(t.shape[0], t.shape[1])
+        return t
+
+    weight, down, up = _flat(weight, "weight"), _flat(down, "down"), _flat(up, "up")
+    nb, cin, h, w = x_nchw.shape
+    hw = h * w
+    sb, sc, sh, sw = x_nchw.stride()
+    if h > 1 and w > 1 and sh != w * sw:
+        raise ValueError("x's H and W dims must flatten to one stride (NCHW or channels_last)")
+    pixel_stride = sw if w > 1 else sh
+    n, k, kr = _validate(x_nchw, cin, weight, bias, down, up, scale, gates, hw, combine, rank, 1, nb * hw)
+    channels_last = x_nchw.is_contiguous(memory_format=torch.channels_last) and not x_nchw.is_contiguous()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    y = torch.empty((nb, n, h, w), device=x_nchw.device, dtype=x_nchw.dtype, memory_format=fmt)
+    ysb, ysc, ysh, ysw = y.stride()
+    y_pixel = ysw if w > 1 else ysh
+    if nb * hw > 0:
+        with _device_guard(x_nchw):
+            _launch_forward(x_nchw, (sb, pixel_stride, sc), nb * hw, hw, True, weight, bias, down, up, scale,
+                            gates, combine, rank, 1, n, kr, y, (ysb, y_pixel, ysc), None,
+                            _pick_pattern(pattern, kr))
+    return y
+
+
+def _backward_triton(dy, x, weight, down, up, scale, gates, c, rows_per_sample, combine, rank, groups,
+                     need_dx, need_dd, need_du):
+    """dx [M, in], d_down [G*K*r, in], d_up [G*out, K*r] (None where not needed) with Triton kernels."""
+    m_rows, in_f = x.shape
+    n_total = weight.shape[0]
+    n = n_total // groups
+    kr = down.shape[0] // groups
+    k = gates.shape[1]
+    stride_sg = 0 if scale.shape[0] == k else k
+    prec = _dot_precision(x.dtype)
+    dx = dd = du = None
+    dz = None
+    if need_dx or need_dd:
+        # dz [M, G*KR] = coefficients(dy_g U_g) per group: the shrink kernel with a = dy, b = U_g^T
+        dz = torch.empty((m_rows, groups * kr), device=x.device, dtype=x.dtype)
+        _launch_shrink(dy, (0, dy.stride(0), dy.stride(1)), n * dy.stride(1), up, up.stride(1), up.stride(0),
+                       n * up.stride(0), scale, stride_sg, gates, dz, m_rows, n, kr, groups, rows_per_sample,
+                       False, combine, rank)
+    if need_dx:
+        # dx = dy W + dz D: the forward kernel in "load c" mode, W and D read transposed, one group
+        dx = torch.empty_like(x)
+        bm, bn, bk = _fwd_tiles(m_rows, in_f, n_total, x.dtype)
+        grid = (triton.cdiv(in_f, bn), triton.cdiv(m_rows, bm))
+        _gated_spm_fwd_kernel[grid](
+            dy, weight, dy, down, down, scale, gates, dz, dx,
+            m_rows, in_f, n_total, groups * kr, rows_per_sample, 1,
+            0, dy.stride(0), dy.stride(1),
+            weight.stride(1), weight.stride(0),
+            0, 0,
+            down.stride(1), down.stride(0),
+            0, gates.stride(0), gates.stride(1),
+            dz.stride(0), dz.stride(1),
+            0, dx.stride(0), dx.stride(1),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=min(LOAD_BLOCK_R, _pad16(groups * kr)), RANK=rank,
+            HAS_BIAS=False, OFFICIAL=False, FUSED_SHRINK=False, STORE_C=False, SAMPLE_TILES=False,
+            EVEN_K=n_total % bk == 0, DOT_PRECISION=prec, UPCAST_DOT=_upcast_dot(x.dtype),
+            num_warps=FWD_NUM_WARPS, num_stages=FWD_NUM_STAGES,
+        )
+    if need_du:
+        # dU [G*out, KR]: per group, dy_g^T c_g
+        du = _lowrank_grad(dy, dy.stride(0), dy.stride(1), n * dy.stride(1),
+                           c, c.stride(0), c.stride(1), kr * c.stride(1), m_rows, n, kr, groups).to(up.dtype)
+    if need_dd:
+        # dD [G*KR, in] = (x^T dz)^T: in-features on the MMA's M side (wgmma needs 64 rows; K*r is
+        # often 16), written transposed into the workspace (groups are concatenated along dz's columns)
+        dd = _lowrank_grad(x, x.stride(0), x.stride(1), 0, dz, dz.stride(0), dz.stride(1), 0,
+                           m_rows, in_f, groups * kr, 1, transpose_out=True).to(down.dtype)
+    return dx, dd, du
+
+
+def _lowrank_grad(a, stride_am, stride_ap, stride_ag, b, stride_bm, stride_bq, stride_bg, m_rows, p, q, groups,
+                  transpose_out=False):
+    """out [G*P, Q] (or [Q, G*P] with transpose_out) = per group a_g^T b_g, reduced over M (fp32)."""
+    block_p = min(LOWRANK_BLOCK_PQ, _pad16(p))
+    block_q = min(LOWRANK_BLOCK_PQ, _pad16(q))
+    block_m = min(LOWRANK_BLOCK_M, _pad16(m_rows))
+    tiles = groups * triton.cdiv(p, block_p) * triton.cdiv(q, block_q)
+    m_blocks = triton.cdiv(m_rows, block_m)
+    splits = max(1, min(m_blocks, LOWRANK_TARGET_PROGRAMS // tiles))
+    rows_per_split = triton.cdiv(m_blocks, splits) * block_m
+    splits = triton.cdiv(m_rows, rows_per_split)
+    if transpose_out:
+        ws = torch.empty((splits, q, groups * p), device=a.device, dtype=torch.float32)
+        stride_op, stride_oq = ws.stride(2), ws.stride(1)
+    else:
+        ws = torch.empty((splits, groups * p, q), device=a.device, dtype=torch.float32)
+        stride_op, stride_oq = ws.stride(1), ws.stride(2)
+    _lowrank_grad_kernel[(groups * triton.cdiv(p, block_p), triton.cdiv(q, block_q), splits)](
+        a, b, ws,
+        m_rows, p, q, rows_per_split,
+        stride_am, stride_ap, stride_ag,
+        stride_bm, stride_bq, stride_bg,
+        ws.stride(0), stride_op, stride_oq,
+        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q, DOT_PRECISION=_dot_precision(a.dtype),
+        UPCAST_DOT=_upcast_dot(a.dtype),
+        num_warps=FWD_NUM_WARPS, num_stages=FWD_NUM_STAGES,
+    )
+    return ws.sum(0) if splits > 1 else ws[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch versions of the same formulas: the float64 path of the autograd Function and the oracle
+
+
+def _group_slices(weight, bias, down, up, scale, gates, groups):
+    n = weight.shape[0] // groups
+    k = gates.shape[1]
+    kr = down.shape[0] // groups
+    for g in range(groups):
+        s = scale if scale.shape[0] == k else scale[g * k:(g + 1) * k]
+        yield (slice(g * n, (g + 1) * n), slice(g * kr, (g + 1) * kr), weight[g * n:(g + 1) * n],
+               None if bias is None else bias[g * n:(g + 1) * n], down[g * kr:(g + 1) * kr],
+               up[g * n:(g + 1) * n], s)
+
+
+def gated_spm_linear_torch(
+    x: torch.Tensor,  # [M, in]
+    weight: torch.Tensor,  # [G*out, in]
+    bias: torch.Tensor | None,  # [G*out]
+    down: torch.Tensor,  # [G*K*r, in]
+    up: torch.Tensor,  # [G*out, K*r]
+    scale: torch.Tensor,  # [K] or [G*K]
+    gates: torch.Tensor,  # [B, K]
+    rows_per_sample: int,
+    combine: str = "linear",
+    rank: int = 1,
+    groups: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped reference forward in x's dtype: returns (y [M, G*out], c [M, G*K*r]).
+
+    Example::
+
+        >>> y, c = gated_spm_linear_torch(x, W, None, D, U, s, g, rows_per_sample=77)  # doctest: +SKIP
+    """
+    ys, cs = [], []
+    for _, _, w_g, b_g, d_g, u_g, s_g in _group_slices(weight, bias, down, up, scale, gates, groups):
+        c_g = spm_coefficients(x @ d_g.t(), s_g, gates, rows_per_sample, combine, rank)
+        ys.append(torch.nn.functional.linear(x, w_g, b_g) + c_g @ u_g.t())
+        cs.append(c_g)
+    return torch.cat(ys, dim=1), torch.cat(cs, dim=1)
+
+
+def gated_spm_linear_bwd_ref(
+    dy: torch.Tensor,  # [M, G*out]
+    x: torch.Tensor,  # [M, in]
+    weight: torch.Tensor,  # [G*out, in]
+    down: torch.Tensor,  # [G*K*r, in]
+    up: torch.Tensor,  # [G*out, K*r]
+    scale: torch.Tensor,  # [K] or [G*K]
+    gates: torch.Tensor,  # [B, K]
+    rows_per_sample: int,
+    combine: str = "linear",
+    rank: int = 1,
+    groups: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of the op in torch (math in x's dtype): returns (dx, d_down, d_up).
+
+    ``dc = dy U; dz = coefficients(dc); dU = dy^T c; dD = dz^T x; dx = dy W + dz D``; the gating
+    map is symmetric (diagonal for "linear", ``s0 g g^T (x) I_r`` for "official"), so the
+    coefficients function is its own adjoint.
+
+    Example::
+
+        >>> dx, dD, dU = gated_spm_linear_bwd_ref(dy, x, W, D, U, s, g, rows_per_sample=6)  # doctest: +SKIP
+    """
+    dx = dy.new_zeros(x.shape)
+    dd = torch.empty_like(down)
+    du = torch.empty_like(up)
+    for cols, rs, w_g, _, d_g, u_g, s_g in _group_slices(weight, None, down, up, scale, gates, groups):
+        dy_g = dy[:, cols]
+        c_g = spm_coefficients(x @ d_g.t(), s_g, gates, rows_per_sample, combine, rank)
+        dz_g = spm_coefficients(dy_g @ u_g, s_g, gates, rows_per_sample, combine, rank)
+        du[cols] = dy_g.t() @ c_g
+        dd[rs] = dz_g.t() @ x
+        dx += dy_g @ w_g + dz_g @ d_g
+    return dx, dd, du
+
+
+class GatedSPMLinearFunction(torch.autograd.Function):
+    """Autograd for the fused op: gradients for x, down and up (weight, bias, gates, scale frozen).
+
+    ``apply(x, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank[, groups])``.
+    fp16/bf16/fp32 run the Triton kernels both ways; float64 runs the torch formulas
+    (``gated_spm_linear_torch`` / ``gated_spm_linear_bwd_ref``), for gradcheck.
+
+    Example::
+
+        >>> D.requires_grad_(); U.requires_grad_()  # doctest: +SKIP
+        >>> y = GatedSPMLinearFunction.apply(x, W, b, D, U, s, g, 4096, "linear", 1)  # doctest: +SKIP
+        >>> y.float().pow(2).mean().backward()  # doctest: +SKIP
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, down, up, scale, gates, rows_per_sample, combine="linear", rank=1, groups=1):
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        if x.dtype == torch.float64:
+            _validate_fp64(x2, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank, groups)
+            y, c = gated_spm_linear_torch(x2, weight, bias, down, up, scale.double(), gates.double(),
+                                          rows_per_sample, combine, rank, groups)
+        else:
+            x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+            y, c = _forward_2d(x2, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank, groups,
+                               "auto", store_c=ctx.needs_input_grad[4])
+        ctx.save_for_backward(x2, weight, down, up, scale, gates, c)
+        ctx.meta = (rows_per_sample, combine, rank, groups, lead)
+        return y.reshape(*lead, weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, down, up, scale, gates, c = ctx.saved_tensors
+        rows_per_sample, combine, rank, groups, lead = ctx.meta
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        need_dx, need_dd, need_du = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        if x2.dtype == torch.float64:
+            dx, dd, du = gated_spm_linear_bwd_ref(dy2.to(x2.dtype), x2, weight, down, up, scale.double(),
+                                                  gates.double(), rows_per_sample, combine, rank, groups)
+        else:
+            dy2 = dy2.to(x2.dtype)
+            dy2 = dy2 if dy2.stride(-1) == 1 else dy2.contiguous()
+            with _device_guard(x2):
+                dx, dd, du = _backward_triton(dy2, x2, weight, down, up, scale, gates, c, rows_per_sample,
+                                              combine, rank, groups, need_dx, need_dd, need_du)
+        if dx is not None:
+            dx = dx.reshape(*lead, x2.shape[-1])
+        return (dx if need_dx else None, None, None, dd if need_dd else None, du if need_du else None,
+                None, None, None, None, None, None)
+
+
+def _validate_fp64(x, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank, groups):
+    if combine not in COMBINES:
+        raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
+    for name, t in {"weight": weight, "down": down, "up": up, "bias": bias}.items():
+        if t is not None and t.dtype != torch.float64:
+            raise TypeError(f"{name} has dtype {t.dtype}, expected x's dtype torch.float64")
+    k = gates.shape[1]
+    if tuple(down.shape) != (groups * k * rank, x.shape[1]) or up.shape[1] != k * rank:
+        raise ValueError("down/up do not match [G*K*r, in] / [G*out, K*r]")
+    if gates.shape[0] * rows_per_sample != x.shape[0]:
+        raise ValueError(f"{x.shape[0]} rows do not split into {gates.shape[0]} samples of {rows_per_sample} rows")
