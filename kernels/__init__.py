@@ -1,4 +1,25 @@
-"""spm_rt.kernels: tensor-level ops (leaves). Triton is imported lazily by the launchers."""
+"""spm_rt.kernels: tensor-level ops (leaves). Triton is imported lazily by the launchers.
+
+The Triton names below (``gated_spm_linear_triton``, ``GatedSPMLinearFunction``, ...) resolve on
+first access, importing ``spm_rt.kernels.gated_linear`` and triton only then; without triton that
+access raises ImportError naming the ``spm_rt[triton]`` extra.
+"""
 from spm_rt.kernels.reference import gated_spm_linear_ref, merged_weight_ref, spm_coefficients
 
 __all__ = ["gated_spm_linear_ref", "merged_weight_ref", "spm_coefficients"]
+
+_TRITON_NAMES = (
+    "gated_spm_linear_triton",
+    "gated_spm_conv1x1_triton",
+    "GatedSPMLinearFunction",
+    "gated_spm_linear_torch",
+    "gated_spm_linear_bwd_ref",
+)
+
+
+def __getattr__(name):
+    if name in _TRITON_NAMES:
+        from spm_rt.kernels import gated_linear
+
+        return getattr(gated_linear, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

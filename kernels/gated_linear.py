@@ -31,6 +31,11 @@ transposed strides -> dx; a split-M low-rank kernel -> dU and dD. float64 has no
 ``gated_spm_linear_torch`` / ``gated_spm_linear_bwd_ref``, which are the same formulas in torch,
 so ``torch.autograd.gradcheck`` checks the backward formulas the kernels implement.
 
+Interpreter: the kernels call only Triton builtins, never the ``triton.language`` functions that
+are themselves ``@triton.jit`` (``tl.sum``, ``tl.cdiv``, ``tl.zeros``): those are built when
+triton is imported, and in a process that imported triton before setting TRITON_INTERPRET=1 the
+interpreter cannot call them. tests/test_kernels.py runs in exactly that situation.
+
 Nothing here was timed on a GPU when written: the tile sizes below come from the arithmetic in
 the comments and from the no-GPU compile check (tests/test_kernels_compile.py), not from runs.
 """
@@ -123,7 +128,7 @@ def _row_offsets(pid_m, M, rows_per_sample, tiles_per_sample, stride_b, stride_m
         row_in = (pid_m % tiles_per_sample) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = row_in < rows_per_sample
         rows = sid * rows_per_sample + row_in
-        sample = sid + tl.zeros([BLOCK_M], dtype=tl.int32)
+        sample = sid + tl.full([BLOCK_M], 0, dtype=tl.int32)
         # clamp out-of-range rows onto valid memory so loads need no row mask
         row_in = row_in % rows_per_sample
         mem = sid.to(tl.int64) * stride_b + row_in.to(tl.int64) * stride_m
@@ -147,17 +152,11 @@ def _gate_coefficients(z, gates_ptr, scale_ptr, sample, row_mask, offs_r, KR,
     g = tl.load(gates_ptr + sample.to(tl.int64)[:, None] * stride_gb + spm[None, :] * stride_gk,
                 mask=row_mask[:, None] & r_mask[None, :], other=0.0)
     if OFFICIAL:
-        zg = z * g
-        if RANK == 1:
-            w = tl.sum(zg, axis=1)[:, None]
-        else:
-            # w[m, j] = sum_k g_k z[m, k*r + j], broadcast back onto every column with col % r == j
-            j = offs_r % RANK
-            w = tl.zeros_like(z)
-            for jj in tl.static_range(RANK):
-                sel = (j == jj)[None, :]
-                wj = tl.sum(tl.where(sel, zg, 0.0), axis=1)
-                w = tl.where(sel, wj[:, None], w)
+        # w[m, j] = sum_k g_k z[m, k*r + j], broadcast back onto every column with col % r == j:
+        # one small exact dot with the 0/1 matrix same_j[c', c] = (c' % r == c % r) (padding
+        # columns of z*g are 0). A dot rather than tl.sum: see "Interpreter" in the module docstring.
+        same_j = ((offs_r[:, None] % RANK) == (offs_r[None, :] % RANK)).to(tl.float32)
+        w = tl.dot(z * g, same_j, input_precision="ieee")
         s0 = tl.load(scale_ptr)
         c = w * g * s0
     else:
@@ -190,7 +189,7 @@ def _gated_spm_fwd_kernel(
     """
     pid_n = tl.program_id(0)  # n fastest: the N tiles of one row block run together, sharing x in L2
     pid_m = tl.program_id(1)
-    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles_n = (N + BLOCK_N - 1) // BLOCK_N
     group = pid_n // tiles_n
     offs_n = (pid_n % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -203,12 +202,12 @@ def _gated_spm_fwd_kernel(
     x_ptrs = x_ptr + x_mem[:, None] + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
     w_ptrs = w_ptr + w_cols[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N]
     offs_r = tl.arange(0, BLOCK_R)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_N], 0, dtype=tl.float32)
     if FUSED_SHRINK:
         r_mask = offs_r < KR
         d_rows = (group * KR + offs_r).to(tl.int64)
         d_ptrs = down_ptr + d_rows[None, :] * stride_dr + offs_k[:, None] * stride_dk  # [BLOCK_K, BLOCK_R]
-        zacc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        zacc = tl.full([BLOCK_M, BLOCK_R], 0, dtype=tl.float32)
 
     for k0 in range(0, IN, BLOCK_K):
         if EVEN_K:
@@ -286,7 +285,7 @@ def _gated_shrink_kernel(
     r_mask = offs_r < KR
     a_ptrs = a_ptr + group.to(tl.int64) * stride_ag + a_mem[:, None] + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + group.to(tl.int64) * stride_bg + offs_r[None, :] * stride_br + offs_k[:, None] * stride_bk
-    zacc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    zacc = tl.full([BLOCK_M, BLOCK_R], 0, dtype=tl.float32)
     for k0 in range(0, KRED, BLOCK_K):
         if EVEN_K:
             at = tl.load(a_ptrs)
@@ -321,7 +320,7 @@ def _lowrank_grad_kernel(
     pid_p = tl.program_id(0)
     pid_q = tl.program_id(1)
     split = tl.program_id(2)
-    tiles_p = tl.cdiv(P, BLOCK_P)
+    tiles_p = (P + BLOCK_P - 1) // BLOCK_P
     group = pid_p // tiles_p
     offs_p = (pid_p % tiles_p) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -334,7 +333,7 @@ def _lowrank_grad_kernel(
               + offs_m.to(tl.int64)[None, :] * stride_am)  # [BLOCK_P, BLOCK_M]
     b_ptrs = (b_ptr + group.to(tl.int64) * stride_bg + offs_q[None, :] * stride_bq
               + offs_m.to(tl.int64)[:, None] * stride_bm)  # [BLOCK_M, BLOCK_Q]
-    acc = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
+    acc = tl.full([BLOCK_P, BLOCK_Q], 0, dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
         m_mask = (m0 - m_start + offs_m) < m_end
         at = tl.load(a_ptrs, mask=p_mask[:, None] & m_mask[None, :], other=0.0)

@@ -1,0 +1,302 @@
+"""Triton gated-SPM kernels vs the float64 reference, run on CPU by the Triton interpreter.
+
+Triton decides interpreter-or-compiler when a kernel is decorated, i.e. when its module is
+imported. Other test modules may import ``spm_rt.kernels.gated_linear`` (and triton) first in the
+same pytest process, so this file loads its own copy of the module with TRITON_INTERPRET=1 set
+only for that load; the interpreted kernels then run on CPU tensors whatever was imported before.
+
+Tolerances (house rule): fp32 relative error < 1e-5 against float64; fp16/bf16 at most 2x the
+error PyTorch makes at that dtype (the reference run at that dtype against float64).
+Under the interpreter, bf16 dots run as fp32 dots of the bf16 values (``_mma``'s UPCAST_DOT, the
+interpreter multiplies raw bf16 bit patterns otherwise): bf16 loads, casts and stores are checked
+here, the bf16 tensor-core MMA only on a GPU.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from spm_rt.kernels.reference import gated_spm_linear_ref  # noqa: E402
+
+
+def _load_interpreted():
+    origin = importlib.util.find_spec("spm_rt.kernels.gated_linear").origin
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        spec = importlib.util.spec_from_file_location("spm_rt.kernels._gated_linear_interpreted", origin)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    assert mod._interpreting(), "kernels were not built by the interpreter"
+    return mod
+
+
+gl = _load_interpreted()
+
+SMALL_TILES = dict(FWD_BLOCK_M=16, FWD_BLOCK_M_SMALL=16, FWD_BLOCK_N=16, FWD_BLOCK_K=16, FWD_BLOCK_M_FP32=16,
+                   FWD_BLOCK_K_FP32=16, LOAD_BLOCK_R=16, SHRINK_BLOCK_M=16, SHRINK_BLOCK_K=16, LOWRANK_BLOCK_M=16,
+                   LOWRANK_BLOCK_PQ=16)
+
+
+@pytest.fixture
+def tiles(monkeypatch):
+    """tiles("small") forces 16-wide tiles: several M/N tiles, K-loop remainders, R chunks, M splits."""
+
+    def apply(kind):
+        if kind == "small":
+            for name, value in SMALL_TILES.items():
+                monkeypatch.setattr(gl, name, value)
+
+    return apply
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _tol(dtype, torch_err):
+    return 1e-5 if dtype == torch.float32 else 2 * torch_err
+
+
+def _make(m, in_f, out, k, r, groups, bias, seed=0, samples=3, shared_scale=True):
+    """float64 inputs; rows_per_sample = m // samples."""
+    gen = torch.Generator().manual_seed(seed)
+    f = dict(dtype=torch.float64, generator=gen)
+    x = torch.randn(m, in_f, **f)
+    w = torch.randn(groups * out, in_f, **f) / in_f**0.5
+    b = torch.randn(groups * out, **f) if bias else None
+    d = torch.randn(groups * k * r, in_f, **f) / in_f**0.5
+    u = torch.randn(groups * out, k * r, **f) / (k * r) ** 0.5
+    scale = (torch.rand(k if shared_scale else groups * k, generator=gen) + 0.5).float()
+    gates = torch.rand(samples, k, generator=gen).float()
+    gates[0, 0] = 0.0  # a fully closed gate
+    return x, w, b, d, u, scale, gates, m // samples
+
+
+def _grouped_ref(x, w, b, d, u, scale, gates, rps, combine, r, groups, upcast):
+    """Group-by-group gated_spm_linear_ref (the single-projection oracle), concatenated."""
+    n, k = w.shape[0] // groups, gates.shape[1]
+    kr = k * r
+    ys = []
+    for g in range(groups):
+        s = scale if scale.shape[0] == k else scale[g * k:(g + 1) * k]
+        ys.append(gated_spm_linear_ref(x, w[g * n:(g + 1) * n], None if b is None else b[g * n:(g + 1) * n],
+                                       d[g * kr:(g + 1) * kr], u[g * n:(g + 1) * n], s, gates, rps, combine, r,
+                                       upcast=upcast))
+    return torch.cat(ys, dim=1)
+
+
+# (dtype, combine, K, r, bias, groups, pattern, tiles, m, in, out): tiny odd shapes, every flag
+FWD_CASES = [
+    (torch.float32, "linear", 1, 1, True, 1, "fused", "default", 21, 37, 29),
+    (torch.float32, "official", 3, 2, False, 1, "fused", "small", 21, 37, 29),
+    (torch.float32, "linear", 17, 1, True, 3, "split", "small", 21, 37, 29),
+    (torch.float32, "official", 17, 2, True, 1, "split", "small", 21, 48, 29),
+    (torch.float16, "linear", 3, 2, True, 3, "fused", "small", 21, 48, 29),
+    (torch.float16, "official", 1, 1, False, 3, "split", "default", 21, 37, 29),
+    (torch.float16, "official", 17, 1, True, 1, "auto", "default", 21, 37, 29),
+    (torch.bfloat16, "linear", 17, 2, False, 1, "fused", "small", 21, 37, 29),
+    (torch.bfloat16, "official", 3, 1, True, 3, "split", "small", 21, 37, 29),
+]
+
+
+@pytest.mark.parametrize("dtype,combine,k,r,bias,groups,pattern,tile_kind,m,in_f,out", FWD_CASES)
+def test_forward_matches_fp64_reference(tiles, dtype, combine, k, r, bias, groups, pattern, tile_kind, m, in_f, out):
+    tiles(tile_kind)
+    x, w, b, d, u, s, g, rps = _make(m, in_f, out, k, r, groups, bias)
+    lo = [t.to(dtype) if t is not None else None for t in (x, w, b, d, u)]
+    y = gl.gated_spm_linear_triton(*lo, s, g, rps, combine, r, groups, pattern=pattern)
+    assert y.dtype == dtype and y.shape == (m, groups * out)
+    y64 = _grouped_ref(*[t.double() if t is not None else None for t in lo], s, g, rps, combine, r, groups, True)
+    torch_err = _rel(_grouped_ref(*lo, s, g, rps, combine, r, groups, False), y64)
+    err = _rel(y, y64)
+    assert err < _tol(dtype, torch_err), f"kernel rel err {err:.2e}, torch at {dtype}: {torch_err:.2e}"
+
+
+def test_forward_per_group_scale_and_strided_rows():
+    """scale [G*K] (one scale vector per projection) and x given as a row-strided view."""
+    x, w, b, d, u, s, g, rps = _make(12, 20, 18, 3, 1, 2, True, shared_scale=False, samples=2)
+    x_big = torch.randn(12, 40, dtype=torch.float64)
+    x_big[:, 5:25] = x
+    xv = x_big.float()[:, 5:25]  # rows strided by 40, last dim contiguous
+    assert not xv.is_contiguous()
+    y = gl.gated_spm_linear_triton(xv, w.float(), b.float(), d.float(), u.float(), s, g, rps, "linear", 1, 2)
+    y64 = _grouped_ref(x, w, b, d, u, s, g, rps, "linear", 1, 2, True)
+    assert _rel(y, y64) < 1e-5
+
+
+def _grad_case(dtype, combine, k, r, groups, m=21, in_f=37, out=29, tile_kind="default", tiles=None, seed=1):
+    tiles(tile_kind)
+    x, w, b, d, u, s, g, rps = _make(m, in_f, out, k, r, groups, True, seed=seed)
+    dy = torch.randn(m, groups * out, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 7))
+
+    def run(fn, dt):
+        xs, ds, us = (t.detach().to(dt).clone().requires_grad_() for t in (x, d, u))
+        y = fn(xs, w.to(dt), b.to(dt), ds, us)
+        y.backward(dy.to(dt))
+        return y, xs.grad, ds.grad, us.grad
+
+    def torch_op(xs, w_, b_, ds, us):
+        return _grouped_ref(xs, w_, b_, ds, us, s, g, rps, combine, r, groups, False)
+
+    def triton_op(xs, w_, b_, ds, us):
+        return gl.GatedSPMLinearFunction.apply(xs, w_, b_, ds, us, s, g, rps, combine, r, groups)
+
+    want = run(torch_op, torch.float64)
+    torch_lo = run(torch_op, dtype)
+    got = run(triton_op, dtype)
+    for name, a, ref, tl_ in zip(("y", "dx", "d_down", "d_up"), got, want, torch_lo):
+        assert a.dtype == dtype
+        err, torch_err = _rel(a, ref), _rel(tl_, ref)
+        assert err < _tol(dtype, torch_err), f"{name}: kernel rel err {err:.2e}, torch at {dtype}: {torch_err:.2e}"
+
+
+# (dtype, combine, K, r, groups, tiles)
+GRAD_CASES = [
+    (torch.float32, "linear", 3, 2, 1, "small"),
+    (torch.float32, "official", 17, 1, 3, "small"),
+    (torch.float32, "official", 1, 2, 1, "default"),
+    (torch.float16, "linear", 17, 2, 3, "default"),
+    (torch.float16, "official", 3, 1, 1, "small"),
+    (torch.bfloat16, "official", 3, 2, 3, "small"),
+    (torch.bfloat16, "linear", 1, 1, 1, "default"),
+]
+
+
+@pytest.mark.parametrize("dtype,combine,k,r,groups,tile_kind", GRAD_CASES)
+def test_gradients_match_fp64_autograd(tiles, dtype, combine, k, r, groups, tile_kind):
+    _grad_case(dtype, combine, k, r, groups, tile_kind=tile_kind, tiles=tiles)
+
+
+def test_gradient_of_x_only_and_3d_input():
+    """Frozen SPMs (no c stored in the forward) and x with leading batch dims."""
+    x, w, b, d, u, s, g, rps = _make(12, 20, 18, 3, 2, 1, True, samples=2)
+    x3 = x.float().view(2, 6, 20).requires_grad_()
+    y = gl.GatedSPMLinearFunction.apply(x3, w.float(), b.float(), d.float(), u.float(), s, g, rps, "official", 2)
+    assert y.shape == (2, 6, 18)
+    dy = torch.randn(2, 6, 18)
+    y.backward(dy)
+    x64 = x.clone().requires_grad_()
+    gated_spm_linear_ref(x64, w, b, d, u, s, g, rps, "official", 2, upcast=True).backward(dy.double().view(12, 18))
+    assert _rel(y.detach().view(12, 18), gated_spm_linear_ref(x, w, b, d, u, s, g, rps, "official", 2, upcast=True)) < 1e-5
+    assert _rel(x3.grad.view(12, 20), x64.grad) < 1e-5
+
+
+@pytest.mark.parametrize("combine", ["linear", "official"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_gradcheck_fp64(combine, groups):
+    """float64 runs the torch formulas of the backward; gradcheck checks them against finite differences."""
+    x, w, b, d, u, s, g, rps = _make(6, 5, 4, 3, 2, groups, True, samples=2)
+    x, d, u = (t.requires_grad_() for t in (x, d, u))
+    fn = lambda x_, d_, u_: gl.GatedSPMLinearFunction.apply(x_, w, b, d_, u_, s, g, rps, combine, 2, groups)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, d, u))
+
+
+@pytest.mark.parametrize("combine", ["linear", "official"])
+def test_bwd_ref_matches_autograd(combine):
+    x, w, b, d, u, s, g, rps = _make(12, 9, 7, 3, 2, 3, False, samples=2)
+    dy = torch.randn(12, 21, dtype=torch.float64)
+    xs, ds, us = (t.clone().requires_grad_() for t in (x, d, u))
+    _grouped_ref(xs, w, b, ds, us, s, g, rps, combine, 2, 3, True).backward(dy)
+    dx, dd, du = gl.gated_spm_linear_bwd_ref(dy, x, w, d, u, s.double(), g.double(), rps, combine, 2, 3)
+    for got, want in ((dx, xs.grad), (dd, ds.grad), (du, us.grad)):
+        assert _rel(got, want) < 1e-12
+
+
+@pytest.mark.parametrize("dtype,fmt,combine,pattern", [
+    (torch.float32, torch.contiguous_format, "official", "fused"),
+    (torch.float32, torch.channels_last, "linear", "split"),
+    (torch.float16, torch.contiguous_format, "linear", "fused"),
+])
+def test_conv1x1_reads_and_writes_x_layout(tiles, dtype, fmt, combine, pattern):
+    tiles("small")  # 35 pixels per image over 16-row tiles: partial tiles inside each image
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 24, 5, 7, dtype=torch.float64, generator=gen)
+    w = torch.randn(40, 24, 1, 1, dtype=torch.float64, generator=gen) / 5
+    b = torch.randn(40, dtype=torch.float64, generator=gen)
+    d = torch.randn(6, 24, dtype=torch.float64, generator=gen) / 5
+    u = torch.randn(40, 6, dtype=torch.float64, generator=gen)
+    s, g = torch.rand(3, generator=gen) + 0.5, torch.rand(2, 3, generator=gen)
+    lo = [t.to(dtype) for t in (x, w, b, d, u)]
+    y = gl.gated_spm_conv1x1_triton(lo[0].contiguous(memory_format=fmt), *lo[1:], s, g, combine, 2, pattern=pattern)
+    assert y.shape == (2, 40, 5, 7) and y.is_contiguous(memory_format=fmt)
+
+    def as_rows(t):
+        return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+    def ref(xx, ww, bb, dd, uu, upcast):
+        return gated_spm_linear_ref(as_rows(xx), ww[:, :, 0, 0], bb, dd, uu, s, g, 35, combine, 2, upcast=upcast)
+
+    y64 = ref(*[t.double() for t in lo], True)
+    torch_err = _rel(ref(*lo, False), y64)
+    assert _rel(as_rows(y), y64) < _tol(dtype, torch_err)
+
+
+def test_empty_batch():
+    x, w, b, d, u, s, g, rps = _make(6, 8, 5, 2, 1, 1, True, samples=2)
+    y = gl.gated_spm_linear_triton(x[:0].float(), w.float(), b.float(), d.float(), u.float(), s, g[:0], rps)
+    assert y.shape == (0, 5)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(x=lambda t: t.double()), "float16, bfloat16 or float32"),
+    (dict(w=lambda t: t.half()), "weight has dtype"),
+    (dict(u=lambda t: t.t().contiguous().t()), "up must be contiguous"),
+    (dict(d=lambda t: t[:-1].contiguous()), "down must be"),
+    (dict(g=lambda t: t.double()), "gates must be float32"),
+    (dict(rps=lambda v: v + 1), "do not split"),
+    (dict(combine=lambda v: "sum"), "combine must be"),
+])
+def test_launcher_validates_inputs(change, message):
+    x, w, b, d, u, s, g, rps = _make(6, 8, 5, 2, 1, 1, True, samples=2)
+    args = dict(x=x.float(), w=w.float(), b=b.float(), d=d.float(), u=u.float(), s=s, g=g, rps=rps, combine="linear")
+    for key, fn in change.items():
+        args[key] = fn(args[key])
+    with pytest.raises((ValueError, TypeError), match=message):
+        gl.gated_spm_linear_triton(args["x"], args["w"], args["b"], args["d"], args["u"], args["s"], args["g"],
+                                   args["rps"], args["combine"])
+
+
+def test_compiled_module_rejects_cpu_tensors():
+    """Outside the interpreter the launcher refuses CPU tensors with a message (no GPU here)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import torch\n"
+        "from spm_rt.kernels import gated_spm_linear_triton\n"
+        "x = torch.randn(4, 8); w = torch.randn(5, 8); d = torch.randn(2, 8); u = torch.randn(5, 2)\n"
+        "try:\n"
+        "    gated_spm_linear_triton(x, w, None, d, u, torch.ones(2), torch.ones(1, 2), 4)\n"
+        "except ValueError as e:\n"
+        "    print('REFUSED', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert "REFUSED the Triton path needs CUDA tensors" in out.stdout, out.stdout + out.stderr
+
+
+def test_kernels_package_imports_without_triton():
+    """spm_rt.kernels never imports triton eagerly; the lazy names say which extra to install."""
+    code = (
+        "import sys\n"
+        "sys.modules['triton'] = None  # make 'import triton' fail\n"
+        "import spm_rt.kernels as k\n"
+        "assert 'triton' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+        "k.gated_spm_linear_ref\n"
+        "try:\n"
+        "    k.gated_spm_linear_triton\n"
+        "except ImportError as e:\n"
+        "    print('LAZY', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "LAZY" in out.stdout and "spm_rt[triton]" in out.stdout, out.stdout + out.stderr
