@@ -3,7 +3,8 @@
 Two strategies per forward:
 
 * merged: ``W_b = W + update(gates)`` formed once per distinct gate vector and cached (a small
-  LRU); the forward is a plain ``F.linear`` / ``F.conv2d`` with the cached copy. The original
+  LRU); the forward is a plain ``F.linear`` / ``F.conv2d`` with the cached copy (a batch with
+  several gate vectors runs each group of rows with its own copy). The original
   weight is never written, so restoring is swapping the module back.
 * gated: the low-rank branch per row (``spm_rt.functional``), needed when rows of one batch
   carry different gates, and for training (D, U require grad).
@@ -93,12 +94,25 @@ class SPMLayer(nn.Module):
         if rows.all_zero and not (self.stack.down.requires_grad or self.stack.up.requires_grad):
             return self.base(x)
         if self._use_merged(rows):
-            if not rows.uniform:
-                raise ValueError("strategy='merged' needs the same gates on every row of the batch; "
-                                 "use strategy='auto' or 'gated' for mixed-prompt batches")
-            return self._base_forward(x, self.merged_weight(rows.key, rows.gates[0]))
+            if rows.uniform:
+                return self._base_forward(x, self.merged_weight(rows.key, rows.gates[0]))
+            return self._grouped_merged_forward(x, rows.gates)
         backend = resolve_backend(self.config.backend, x.device)
         return self._gated_forward(x, rows.gates, backend)
+
+    def _grouped_merged_forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """strategy='merged' on a batch with several gate vectors: one merged weight per distinct
+        vector, each applied to its own rows."""
+        unique, inverse = torch.unique(gates, dim=0, return_inverse=True)
+        out = None
+        for i in range(unique.shape[0]):
+            idx = (inverse == i).nonzero().flatten()
+            g = unique[i]
+            y = self._base_forward(x[idx], self.merged_weight(tuple(g.tolist()), g))
+            if out is None:
+                out = y.new_empty((x.shape[0],) + y.shape[1:])
+            out[idx] = y
+        return out
 
     def _base_forward(self, x, weight):  # pragma: no cover - overridden
         raise NotImplementedError
