@@ -12,7 +12,7 @@ from spm_rt.functional import BACKENDS
 from spm_rt.kernels.reference import COMBINES
 from spm_rt.layers import STRATEGIES, LayerConfig, SPMLayer, patch, unpatch
 from spm_rt.stack import build_stacks
-from spm_rt.transport import TRANSPORTS, Transport
+from spm_rt.transport import TRANSPORTS, CalibratedTransport, Transport
 
 
 @dataclass
@@ -21,8 +21,10 @@ class SPMConfig:
 
     combine:   "linear" (the paper's sum of gated updates) or "official" (the reference code's
                gamma-scaled key-by-key sum: quadratic in the gates, with cross terms).
-    transport: "clipcos_tokenuni" (default), "clipcos", "tokenuni", or "fixed" (gates come from
-               ``fixed_gates`` or each call's ``gates=``, like the reference's manual multipliers).
+    transport: "clipcos_tokenuni" (default), "clipcos", "tokenuni", "calibrated" (opt-in: end-of-text
+               similarity with per-concept thresholds, see ``CalibratedTransport``), or "fixed"
+               (gates come from ``fixed_gates`` or each call's ``gates=``, like the reference's
+               manual multipliers).
     strategy:  "auto" (merged when every row of a UNet batch has the same gates, gated otherwise),
                "merged" or "gated".
     backend:   "auto" (triton on CUDA when installed, torch otherwise), "torch" or "triton".
@@ -36,6 +38,7 @@ class SPMConfig:
     backend: str = "auto"
     merge_cache_size: int = 2
     fixed_gates: list[float] | None = None
+    calibration: dict | None = None  # transport="calibrated": concept -> (positives, negatives)
 
     def validate(self) -> None:
         for name, value, allowed in (("combine", self.combine, COMBINES), ("transport", self.transport, TRANSPORTS),
@@ -64,6 +67,23 @@ def _load_all(spms, concepts) -> list[SPM]:
         else:
             raise TypeError(f"spms[{i}] must be a path or an SPM, got {type(s).__name__}")
     return out
+
+
+CALIBRATION_KEY = "spm_rt.calibration"
+
+
+def _file_calibration(spm: SPM) -> dict:
+    """Calibration prompt sets stored in an SPM file's metadata (JSON: concept -> [pos, neg])."""
+    import json
+
+    raw = spm.metadata.get(CALIBRATION_KEY)
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+        return {c: (list(v[0]), list(v[1])) for c, v in data.items()}
+    except (ValueError, TypeError, IndexError, AttributeError) as exc:
+        raise SPMFormatError(f"{spm.source}: metadata {CALIBRATION_KEY} is malformed ({exc})") from exc
 
 
 class SPMPipeline:
@@ -96,7 +116,13 @@ class SPMPipeline:
         """Everything that can fail, with no side effects: stacks and transport."""
         stacks = build_stacks(self.pipe.unet, spms)
         transport = None
-        if self.config.transport != "fixed":
+        if self.config.transport == "calibrated":
+            calibration = dict(self.config.calibration or {})
+            for s in spms:  # SPM files may carry their own calibration prompt sets
+                for c, sets in _file_calibration(s).items():
+                    calibration.setdefault(c, sets)
+            transport = CalibratedTransport(self.pipe, [s.concepts or [] for s in spms], calibration)
+        elif self.config.transport != "fixed":
             transport = Transport(self.pipe, [s.concepts or [] for s in spms], self.config.transport)
         if self.config.fixed_gates is not None and len(self.config.fixed_gates) != len(spms):
             raise ValueError(f"fixed_gates has {len(self.config.fixed_gates)} values for {len(spms)} SPMs")

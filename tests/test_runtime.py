@@ -352,3 +352,15 @@ def test_sixty_four_spms(pipe):
     with torch.no_grad():
         ref = dense_unet(pipe.unet, spms, gates[1], "linear")(sample[1:], t, emb[1:]).sample
     torch.testing.assert_close(got[1:], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_calibrated_transport_closes_negatives_and_opens_token_hits(pipe, spm_files):
+    calibration = {"circle": (["a red circle", "a green circle", "a circle"], ["a red square", "a blue triangle", ""])}
+    rt = spm_rt.compile(pipe, spm_files, transport="calibrated", calibration=calibration)
+    cal = rt.transport.calibration["circle"]
+    assert cal["hi"] > cal["lo"] and "" in cal["negatives"]
+    g = rt.gates(["a red square", "a blue triangle", "", "a yellow circle", "some red paint"])
+    assert g[:3, 0].tolist() == [0.0, 0.0, 0.0]  # every calibration negative is closed
+    assert g[3, 0] == 1.0 and g[4, 1] == 1.0  # the concept's tokens in the prompt open it fully
+    assert ((g >= 0) & (g <= 1)).all()
+    rt.remove()
