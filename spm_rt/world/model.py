@@ -42,7 +42,9 @@ class ShapesModelConfig:
     text_layers: int = 2
     text_heads: int = 2
     text_intermediate: int = 256
-    vae_channels: tuple[int, ...] = (32, 64)
+    # Flat-colour shapes are easy to reconstruct; (16, 32) is 4x cheaper than (32, 64), which matters
+    # because every training step also encodes its batch.
+    vae_channels: tuple[int, ...] = (16, 32)
     latent_channels: int = 4
     vae_scaling_factor: float = 1.0  # replaced by 1/std of the training latents after VAE training
 
@@ -66,7 +68,7 @@ def build_vae(cfg: ShapesModelConfig):
         in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
         block_out_channels=tuple(cfg.vae_channels),
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        layers_per_block=1, norm_num_groups=16, sample_size=cfg.image_size,
+        layers_per_block=1, norm_num_groups=8, sample_size=cfg.image_size,
         scaling_factor=cfg.vae_scaling_factor,
     )
 
