@@ -116,6 +116,12 @@ def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
+def _add(a, b):
+    # tl.reduce(x, axis, _add) is tl.sum(x, axis); see "Interpreter" in the module docstring
+    return a + b
+
+
+@triton.jit
 def _row_offsets(pid_m, M, rows_per_sample, tiles_per_sample, stride_b, stride_m,
                  BLOCK_M: tl.constexpr, SAMPLE_TILES: tl.constexpr):
     """Rows of one program: flat row index, sample of each row, validity, memory offset (int64).
@@ -152,11 +158,17 @@ def _gate_coefficients(z, gates_ptr, scale_ptr, sample, row_mask, offs_r, KR,
     g = tl.load(gates_ptr + sample.to(tl.int64)[:, None] * stride_gb + spm[None, :] * stride_gk,
                 mask=row_mask[:, None] & r_mask[None, :], other=0.0)
     if OFFICIAL:
-        # w[m, j] = sum_k g_k z[m, k*r + j], broadcast back onto every column with col % r == j:
-        # one small exact dot with the 0/1 matrix same_j[c', c] = (c' % r == c % r) (padding
-        # columns of z*g are 0). A dot rather than tl.sum: see "Interpreter" in the module docstring.
-        same_j = ((offs_r[:, None] % RANK) == (offs_r[None, :] % RANK)).to(tl.float32)
-        w = tl.dot(z * g, same_j, input_precision="ieee")
+        zg = z * g
+        if RANK == 1:
+            w = tl.reduce(zg, 1, _add)[:, None]
+        else:
+            # w[m, j] = sum_k g_k z[m, k*r + j], broadcast back onto every column with col % r == j
+            j = offs_r % RANK
+            w = z * 0.0
+            for jj in tl.static_range(RANK):
+                sel = (j == jj)[None, :]
+                wj = tl.reduce(tl.where(sel, zg, 0.0), 1, _add)
+                w = tl.where(sel, wj[:, None], w)
         s0 = tl.load(scale_ptr)
         c = w * g * s0
     else:

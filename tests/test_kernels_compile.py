@@ -1,0 +1,232 @@
+"""Compile every Triton kernel variant for Hopper (sm_90) and Ampere (sm_80) without a GPU.
+
+The launch arguments come from the real launchers: the kernels are swapped for recorders, the
+launchers run on CPU tensors of SD1.5 sizes (never touched), and each recorded launch is compiled
+with the specialisation Triton's JIT would use (unit ints as constexpr 1, ints and pointers
+divisible by 16 marked so). Checks per variant:
+
+* no register spills: cuobjdump's STACK is 0, no ``.local`` in the PTX, no LDL/STL in the SASS;
+* fp16/bf16 dots on tensor cores, in the main loop: on sm_90 every 16-bit ``tt.dot`` became a
+  ``ttng.warp_group_dot`` (the first ``scf.for`` holds one) and the SASS has HGMMA; on sm_80 the
+  PTX has ``mma.sync`` in the loop and the SASS has HMMA.
+  fp32 variants use exact ("ieee") dots, which run on FMA units by design: spill check only.
+
+Run with ``-s`` to print the REG / STACK / SHARED table.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+CUOBJDUMP = os.path.join(_BIN, "cuobjdump")
+PTXAS = os.path.join(_BIN, "ptxas")
+if not (os.access(CUOBJDUMP, os.X_OK) and os.access(PTXAS, os.X_OK)):
+    pytest.skip(f"Triton's bundled cuobjdump/ptxas not found in {_BIN}", allow_module_level=True)
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+KERNEL_NAMES = ("_gated_spm_fwd_kernel", "_gated_shrink_kernel", "_lowrank_grad_kernel")
+_PTR = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _load_compiled():
+    """A private copy of gated_linear built with TRITON_INTERPRET unset (real JITFunctions)."""
+    origin = importlib.util.find_spec("spm_rt.kernels.gated_linear").origin
+    old = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        spec = importlib.util.spec_from_file_location("spm_rt.kernels._gated_linear_compiled", origin)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        if old is not None:
+            os.environ["TRITON_INTERPRET"] = old
+    assert all(isinstance(getattr(mod, n), triton.runtime.JITFunction) for n in KERNEL_NAMES)
+    return mod
+
+
+gl = _load_compiled()
+JIT = {n: getattr(gl, n) for n in KERNEL_NAMES}
+
+
+class _Recorder:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.log.append((self.name, args, kwargs))
+
+
+def _record(fn):
+    """Run a launcher with recorders in place of the kernels; returns [(kernel, args, kwargs)]."""
+    log = []
+    try:
+        for n in KERNEL_NAMES:
+            setattr(gl, n, _Recorder(n, log))
+        fn()
+    finally:
+        for n, k in JIT.items():
+            setattr(gl, n, k)
+    return log
+
+
+def _specialise(name, args, kwargs):
+    kernel = JIT[name]
+    kwargs = dict(kwargs)
+    options = {"num_warps": kwargs.pop("num_warps"), "num_stages": kwargs.pop("num_stages")}
+    kwargs["UPCAST_DOT"] = False  # interpreter-only workaround; recorders look like the interpreter
+    signature, constexprs, attrs = {}, {}, {}
+    for i, arg_name in enumerate(kernel.arg_names):
+        if arg_name in kwargs:
+            signature[arg_name], constexprs[arg_name] = "constexpr", kwargs[arg_name]
+            continue
+        a = args[i]
+        if isinstance(a, torch.Tensor):
+            signature[arg_name] = "*" + _PTR[a.dtype]
+            if a.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif a == 1:
+            signature[arg_name], constexprs[arg_name] = "constexpr", 1
+        else:
+            signature[arg_name] = "i32" if -(2**31) <= a < 2**31 else "i64"
+            if a % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return kernel, signature, constexprs, attrs, options
+
+
+def _t(*shape, dtype=torch.float16):
+    return torch.empty(*shape, dtype=dtype)
+
+
+def _linear(m, in_f, out, k, r=1, dtype=torch.float16, bias=True, groups=1, combine="linear", pattern="auto"):
+    def run():
+        gl.gated_spm_linear_triton(
+            _t(m, in_f, dtype=dtype), _t(groups * out, in_f, dtype=dtype),
+            _t(groups * out, dtype=dtype) if bias else None, _t(groups * k * r, in_f, dtype=dtype),
+            _t(groups * out, k * r, dtype=dtype), torch.ones(k), torch.ones(2, k), m // 2, combine, r, groups,
+            pattern=pattern)
+    return run
+
+
+def _conv(dtype=torch.float16):
+    def run():
+        gl.gated_spm_conv1x1_triton(_t(2, 320, 64, 64, dtype=dtype), _t(320, 320, dtype=dtype), _t(320, dtype=dtype),
+                                    _t(16, 320, dtype=dtype), _t(320, 16, dtype=dtype), torch.ones(16),
+                                    torch.ones(2, 16))
+    return run
+
+
+def _backward(dtype=torch.float16, m=8192, in_f=320, out=320, k=16, combine="official"):
+    def run():
+        gl._backward_triton(_t(m, out, dtype=dtype), _t(m, in_f, dtype=dtype), _t(out, in_f, dtype=dtype),
+                            _t(k, in_f, dtype=dtype), _t(out, k, dtype=dtype), torch.ones(k), torch.ones(2, k),
+                            _t(m, k, dtype=dtype), m // 2, combine, 1, 1, True, True, True)
+    return run
+
+
+# SD1.5 shapes: 8192 x 320 self-attention projections (K = 16 fused, K = 64 split), 154 x 768
+# cross-attention k/v, q/k/v as one grouped launch, NCHW proj_in, and the backward.
+SM90_LAUNCHES = {
+    "fwd fused fp16 linear bias": _linear(8192, 320, 320, 16),
+    "fwd fused fp16 official r2": _linear(8192, 320, 320, 8, r=2, bias=False, combine="official"),
+    "fwd fused bf16 linear": _linear(8192, 320, 320, 16, dtype=torch.bfloat16, bias=False),
+    "fwd fused bf16 official bias": _linear(8192, 320, 320, 16, dtype=torch.bfloat16, combine="official"),
+    "fwd fused fp16 qkv groups=3": _linear(8192, 320, 320, 16, bias=False, groups=3),
+    "fwd fused fp16 cross-attn kv": _linear(154, 768, 640, 4, bias=False),
+    "fwd fused fp16 K*r=32": _linear(8192, 320, 320, 32),
+    "fwd fused fp32 (ieee, FMA)": _linear(2048, 640, 640, 16, dtype=torch.float32),
+    "fwd split fp16 K=64": _linear(8192, 320, 320, 64),
+    "fwd conv1x1 NCHW fp16": _conv(),
+    "bwd fp16": _backward(),
+    "bwd bf16 linear": _backward(dtype=torch.bfloat16, combine="linear"),
+}
+SM80_LAUNCHES = ("fwd fused fp16 linear bias", "fwd fused fp16 official r2", "fwd split fp16 K=64", "bwd fp16")
+
+
+def _variants():
+    seen, out = set(), []
+    for arch, names in ((90, tuple(SM90_LAUNCHES)), (80, SM80_LAUNCHES)):
+        for launch in names:
+            for i, (name, args, kwargs) in enumerate(_record(SM90_LAUNCHES[launch])):
+                spec = _specialise(name, args, kwargs)
+                key = (arch, name, tuple(sorted(spec[1].items())), tuple(sorted(map(str, spec[2].items()))))
+                if key in seen:
+                    continue
+                seen.add(key)
+                out.append(pytest.param(arch, launch, name, spec, id=f"sm{arch}-{launch}-{i}-{name.strip('_')}"))
+    return out
+
+
+def _first_loop(ttgir: str) -> str:
+    """Text of the first scf.for body: the lines after it, up to the "}" at the loop's indentation."""
+    lines = ttgir.splitlines()
+    start = next(i for i, ln in enumerate(lines) if re.search(r"= scf\.for |^\s*scf\.for ", ln))
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    body = []
+    for ln in lines[start + 1:]:
+        if ln.strip().startswith("}") and len(ln) - len(ln.lstrip()) == indent:
+            return "\n".join(body)
+        body.append(ln)
+    raise AssertionError("scf.for body not closed")
+
+
+RESULTS = []
+
+
+@pytest.mark.parametrize("arch,launch,name,spec", _variants())
+def test_compiles_without_spills_on_tensor_cores(arch, launch, name, spec, tmp_path):
+    kernel, signature, constexprs, attrs, options = spec
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                              target=GPUTarget("cuda", arch, 32), options=options)
+    cubin = tmp_path / "k.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
+                           check=True).stdout
+    sass = subprocess.run([CUOBJDUMP, "--dump-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    res = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
+    sixteen_bit = any(sig in ("*fp16", "*bf16") for sig in signature.values())
+    RESULTS.append(f"sm{arch} {launch:32s} {name:24s} REG {res['REG']:>3s} STACK {res['STACK']} "
+                   f"SHARED(dyn) {compiled.metadata.shared:>6d} HGMMA {sass.count('HGMMA'):>2d} HMMA {sass.count('HMMA'):>3d}")
+    print("\n" + RESULTS[-1])
+
+    assert res["STACK"] == "0", f"register spill: {usage}"
+    assert ".local" not in ptx and "LDL" not in sass and "STL" not in sass, "local memory used"
+    if not sixteen_bit:
+        return
+    loop = _first_loop(ttgir)
+    if arch == 90:
+        plain_16bit_dots = [ln for ln in ttgir.splitlines() if re.search(r"= tt\.dot .*x(b)?f16", ln)]
+        assert not plain_16bit_dots, f"16-bit dot not lowered to wgmma: {plain_16bit_dots[0]}"
+        assert "ttng.warp_group_dot " in loop, "main loop has no warpgroup MMA"
+        assert "HGMMA" in sass
+    else:
+        assert re.search(r"= tt\.dot .*#mma", loop), "main loop dot is not on the mma layout"
+        assert "mma.sync.aligned" in ptx and "HMMA" in sass
+
+
+def test_every_kernel_is_covered():
+    names = {v.values[2] for v in _variants()}
+    assert names == set(KERNEL_NAMES)
+
+
+def test_cuobjdump_sees_spills_when_there_are_some(tmp_path):
+    """The spill check can fail: a 256x256 fp16 tile with 4 warps does spill on sm_90."""
+    log = _record(_linear(8192, 320, 320, 16))
+    kernel, signature, constexprs, attrs, options = _specialise(*log[0])
+    constexprs.update(BLOCK_M=256, BLOCK_N=256)
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32), options=options)
+    cubin = tmp_path / "k.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
+                           check=True).stdout
+    assert re.search(r"STACK:(\d+)", usage).group(1) != "0"
