@@ -513,6 +513,8 @@ def _launch_forward(x, x_strides, m_rows, rows_per_sample, sample_tiles, weight,
         block_r = _pad16(kr)
     tiles_per_sample = triton.cdiv(rows_per_sample, bm)
     m_tiles = gates.shape[0] * tiles_per_sample if sample_tiles else triton.cdiv(m_rows, bm)
+    if m_tiles > 65535:  # CUDA's limit on grid dimension 1 (row blocks run on axis 1, N tiles on axis 0)
+        raise ValueError(f"{m_rows} rows need {m_tiles} row blocks of {bm}; at most 65535 per launch: split x")
     grid = (groups * triton.cdiv(n, bn), m_tiles)
     c_arg = c_out if c_out is not None else y
     _gated_spm_fwd_kernel[grid](
@@ -540,7 +542,8 @@ def _forward_2d(x, weight, bias, down, up, scale, gates, rows_per_sample, combin
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
     m_rows = x2.shape[0]
-    n, k, kr = _validate(x2, x2.shape[1], weight, bias, down, up, scale, gates, rows_per_sample, combine, rank, groups, m_rows)
+    n, k, kr = _validate(x2, x2.shape[1], weight, bias, down, up, scale, gates, rows_per_sample, combine, rank,
+                         groups, m_rows)
     if x2.stride(-1) != 1:
         raise ValueError("x must have a contiguous last dimension (rows may be strided)")
     y = torch.empty((m_rows, weight.shape[0]), device=x.device, dtype=x.dtype)

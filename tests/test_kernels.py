@@ -190,7 +190,8 @@ def test_gradient_of_x_only_and_3d_input():
     y.backward(dy)
     x64 = x.clone().requires_grad_()
     gated_spm_linear_ref(x64, w, b, d, u, s, g, rps, "official", 2, upcast=True).backward(dy.double().view(12, 18))
-    assert _rel(y.detach().view(12, 18), gated_spm_linear_ref(x, w, b, d, u, s, g, rps, "official", 2, upcast=True)) < 1e-5
+    y64 = gated_spm_linear_ref(x, w, b, d, u, s, g, rps, "official", 2, upcast=True)
+    assert _rel(y.detach().view(12, 18), y64) < 1e-5
     assert _rel(x3.grad.view(12, 20), x64.grad) < 1e-5
 
 
@@ -200,7 +201,10 @@ def test_gradcheck_fp64(combine, groups):
     """float64 runs the torch formulas of the backward; gradcheck checks them against finite differences."""
     x, w, b, d, u, s, g, rps = _make(6, 5, 4, 3, 2, groups, True, samples=2)
     x, d, u = (t.requires_grad_() for t in (x, d, u))
-    fn = lambda x_, d_, u_: gl.GatedSPMLinearFunction.apply(x_, w, b, d_, u_, s, g, rps, combine, 2, groups)  # noqa: E731
+
+    def fn(x_, d_, u_):
+        return gl.GatedSPMLinearFunction.apply(x_, w, b, d_, u_, s, g, rps, combine, 2, groups)
+
     assert torch.autograd.gradcheck(fn, (x, d, u))
 
 

@@ -195,7 +195,8 @@ def test_compiles_without_spills_on_tensor_cores(arch, launch, name, spec, tmp_p
     ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
     sixteen_bit = any(sig in ("*fp16", "*bf16") for sig in signature.values())
     RESULTS.append(f"sm{arch} {launch:32s} {name:24s} REG {res['REG']:>3s} STACK {res['STACK']} "
-                   f"SHARED(dyn) {compiled.metadata.shared:>6d} HGMMA {sass.count('HGMMA'):>2d} HMMA {sass.count('HMMA'):>3d}")
+                   f"SHARED(dyn) {compiled.metadata.shared:>6d} "
+                   f"HGMMA {sass.count('HGMMA'):>2d} HMMA {sass.count('HMMA'):>3d}")
     print("\n" + RESULTS[-1])
 
     assert res["STACK"] == "0", f"register spill: {usage}"
