@@ -117,7 +117,12 @@ def gated_conv1x1(
     """The same op for a 1x1 Conv2d on NCHW input (SD1.x ``proj_in``/``proj_out``): [N, out, H, W]."""
     n, c_in, h, w = x.shape
     if backend == "triton":
-        # The kernels take row-major [M, in]; NHWC view of an NCHW tensor needs one permute copy.
+        if not (torch.is_grad_enabled() and (x.requires_grad or down.requires_grad or up.requires_grad)):
+            from spm_rt.kernels.gated_linear import gated_spm_conv1x1_triton
+
+            # reads and writes NCHW directly (pixel and image strides in the kernel): no copy
+            return gated_spm_conv1x1_triton(x, weight, bias, down, up, scale, gates, combine, rank)
+        # training: the autograd op takes row-major [M, in], so one permute copy of the NHWC view
         x2 = x.permute(0, 2, 3, 1)
         y = gated_linear(x2, weight.view(weight.shape[0], c_in), bias, down, up, scale, gates, combine, rank, backend)
         return y.permute(0, 3, 1, 2)
