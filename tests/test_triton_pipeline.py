@@ -1,0 +1,49 @@
+"""backend="triton" through a whole UNet on the CPU (Triton interpreter), against backend="torch".
+
+Runs in a subprocess: TRITON_INTERPRET must be set before triton is first imported, and other
+test modules may import it earlier in this process.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = textwrap.dedent('''
+    import os
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch, spm_rt
+    from spm_rt import use_gates
+    from spm_rt.testing import tiny_pipeline, random_spm
+    torch.set_num_threads(1)
+    pipe = tiny_pipeline(0, sample_size=8)
+    spms = [random_spm(pipe.unet, c, seed=i) for i, c in enumerate(["a", "b", "c"])]
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 8, 8, generator=g)
+    emb = torch.randn(2, 77, 32, generator=g)
+    gates = torch.tensor([[1.0, 0.5, 0.0], [0.2, 0.0, 0.9]])  # different per sample: the gated path
+    for combine in ("linear", "official"):
+        out = {}
+        for backend in ("torch", "triton"):
+            rt = spm_rt.compile(pipe, spms, backend=backend, transport="fixed", combine=combine)
+            with torch.no_grad(), use_gates(gates):
+                out[backend] = pipe.unet(sample, 500, emb).sample
+            rt.remove()
+        with torch.no_grad():
+            base = pipe.unet(sample, 500, emb).sample
+        err = (out["torch"] - out["triton"]).abs().max().item()
+        moved = (out["torch"] - base).abs().max().item()
+        print(combine, err, moved)
+        assert moved > 1e-3, moved
+        assert err < 1e-4, err
+    print("OK")
+''')
+
+
+def test_triton_backend_whole_unet_in_interpreter():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]
