@@ -1,0 +1,699 @@
+"""The SPM trainer: the reference algorithm (semantics section 5) on spm_rt's own adapted layers.
+
+The membranes being trained are the layers inference uses: ``build_stacks`` + ``layers.patch``
+with the stacked ``down``/``up`` of the single trained SPM (K = 1, so the stack *is* the SPM) held
+as fp32 master ``nn.Parameter``s. "SPM on" is ``use_gates(ones)``; "off" is no gates set, where
+every layer runs its base module. The UNet and text encoder(s) stay frozen in the inference dtype;
+gradients flow through the gated branch (spm_rt.functional: PyTorch autograd on CPU, the fused
+Triton op on CUDA when installed).
+
+One iteration (all random draws from one seeded CPU generator, so a run is reproducible and a
+checkpoint's generator state makes ``--resume`` reproduce an uninterrupted run):
+
+1. pick a prompt setting, draw ``t_to`` in [1, max_denoising_steps - 1], the resolution bucket and
+   the initial latents;
+2. SPM on, no grad: denoise from step 0 to ``t_to`` with CFG 3 on (unconditional, target)
+   (SDXL: guidance rescale 0.7, pooled embeddings and add_time_ids, as the reference's XL trainer);
+3. SPM off, no grad: conditional predictions for ``positive``, ``neutral`` and the anchors at the
+   training timestep ``timesteps_T[int(t_to * T / max_denoising_steps)]``;
+4. SPM on, with grad: conditional predictions for ``target`` and the anchors;
+5. loss = MSE(eps_target, eps_neutral - eta (eps_positive - eps_neutral))
+   (+ la_strength * MSE(anchors on, anchors off) for ``erase_with_la``).
+
+The reference runs each CFG-1 prediction on a doubled (unconditional, conditional) batch and keeps
+the conditional half; only the conditional rows are computed here (the same values, half the
+work). Every sampled anchor contributes (see :mod:`spm_rt.train.anchors` for the reference's
+anchor-layout defect that is fixed).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import inspect
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from spm_rt.formats import SPM, ModuleWeights, adapted_modules, lora_key, save_spm
+from spm_rt.gating import use_gates
+from spm_rt.train.anchors import anchoring_loss, erase_loss, sample_anchors
+from spm_rt.train.config import TrainConfig, load_config
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CFG_TRAJECTORY = 3.0  # the reference denoises the training latents with CFG 3
+XL_GUIDANCE_RESCALE = 0.7  # the reference's SDXL trainer rescales every CFG prediction by 0.7
+STATE_SUFFIX = ".state.pt"
+
+
+# ---------------------------------------------------------------------------------------------
+# the trained membrane
+
+class TrainableSPM:
+    """One SPM being trained, installed as spm_rt layers on ``unet``.
+
+    ``down``/``up`` are fp32 master ``nn.Parameter``s per adapted module, laid out as the K = 1
+    stack (``[r, in]``, ``[out, r]``). Fresh weights follow the reference (down Kaiming-uniform with
+    a = sqrt(5), up zeros: a no-op); ``init`` starts from an existing SPM instead.
+
+    Example::
+
+        >>> from spm_rt.testing import tiny_pipeline
+        >>> pipe = tiny_pipeline(0)
+        >>> spm = TrainableSPM(pipe.unet, ["circle"], generator=torch.Generator().manual_seed(0))
+        >>> with spm.on():
+        ...     pass  # UNet calls here run with the membrane open (gradients reach spm.parameters())
+        >>> spm.remove()
+    """
+
+    def __init__(self, unet: nn.Module, concepts: list[str], rank: int = 1, alpha: float = 1.0, *,
+                 generator: torch.Generator | None = None, backend: str = "auto", init: SPM | None = None):
+        from spm_rt.layers import LayerConfig, patch
+        from spm_rt.stack import build_stacks
+
+        self.unet = unet
+        self.concepts = list(concepts)
+        self.rank, self.alpha = int(rank), float(alpha)
+        modules = adapted_modules(unet)
+        if not modules:
+            raise ValueError(f"{type(unet).__name__} has no Transformer2DModel layers to adapt")
+        self.conv = {p: isinstance(m, nn.Conv2d) for p, m in modules.items()}
+        device = next(unet.parameters()).device
+        self.down: dict[str, nn.Parameter] = {}
+        self.up: dict[str, nn.Parameter] = {}
+        for path, m in modules.items():
+            out_f, in_f = m.weight.shape[:2]
+            if init is not None:
+                w = init.weights[lora_key(path)]
+                down, up = w.down.float().clone(), w.up.float().clone()
+            else:
+                down = torch.empty(self.rank, in_f)
+                nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
+                up = torch.zeros(out_f, self.rank)
+            self.down[path] = nn.Parameter(down.to(device))
+            self.up[path] = nn.Parameter(up.to(device))
+        if init is not None:
+            self.rank, self.alpha = init.rank, init.alpha
+        # build_stacks validates shapes and gives each module's scale in the one stacked layout;
+        # its down/up copies are then replaced by (casts of) the parameters.
+        stacks = build_stacks(unet, [self.to_spm()])
+        self.layers = patch(unet, stacks, LayerConfig(strategy="gated", backend=backend))
+        self.refresh()
+
+    def parameters(self) -> list[nn.Parameter]:
+        """down, up of every module, in UNet order (the optimizer's parameter order)."""
+        return [p for path in self.down for p in (self.down[path], self.up[path])]
+
+    def refresh(self) -> None:
+        """Point every layer's stack at the parameters (a differentiable cast when the UNet is not
+        fp32; called once per iteration, since the cast is part of that iteration's graph)."""
+        from spm_rt.stack import Stack
+
+        for path, layer in self.layers.items():
+            dtype = layer.base.weight.dtype
+            old = layer.stack
+            layer.set_stack(Stack(self.down[path].to(dtype), self.up[path].to(dtype), old.scale, old.rank))
+
+    def on(self):
+        """Context: the membrane is open (gate 1 on every UNet row)."""
+        return use_gates(torch.ones(1, 1))
+
+    def to_spm(self, dtype: torch.dtype | None = None) -> SPM:
+        """A detached copy of the current weights as an :class:`~spm_rt.SPM`."""
+        weights = {}
+        for path in self.down:
+            d, u = self.down[path].detach().cpu().clone(), self.up[path].detach().cpu().clone()
+            if dtype is not None:
+                d, u = d.to(dtype), u.to(dtype)
+            weights[lora_key(path)] = ModuleWeights(d, u, self.alpha, conv=self.conv[path])
+        return SPM(concepts=list(self.concepts), rank=self.rank, alpha=self.alpha, weights=weights)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for path in self.down:
+            out[f"{path}.down"] = self.down[path].detach().cpu().clone()
+            out[f"{path}.up"] = self.up[path].detach().cpu().clone()
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = {f"{p}.{h}" for p in self.down for h in ("down", "up")}
+        if set(state) != expected:
+            raise ValueError("checkpoint membranes do not match this UNet's adapted modules")
+        with torch.no_grad():
+            for path in self.down:
+                self.down[path].copy_(state[f"{path}.down"])
+                self.up[path].copy_(state[f"{path}.up"])
+
+    def remove(self) -> None:
+        """Unpatch the UNet (the original modules are back, bit-exact)."""
+        from spm_rt.layers import unpatch
+
+        unpatch(self.unet, self.layers)
+        self.layers = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# model loading and conditioning
+
+def load_pipeline(config: TrainConfig):
+    """The pipeline named by ``config.pretrained_model`` (embedded name, diffusers folder or hub id)."""
+    pm = config.pretrained_model
+    name = pm.name_or_path
+    dtype = _DTYPES[config.train.precision]
+    if name in ("tiny", "tiny-sd15", "tiny-sd2", "tiny-sdxl"):
+        from spm_rt.testing import tiny_pipeline
+
+        arch = {"tiny": "sd15", "tiny-sd15": "sd15", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}[name]
+        pipe = tiny_pipeline(0, arch=arch)
+    elif name == "shapes":
+        import importlib
+
+        world = importlib.import_module("spm_rt.world")
+        loader = getattr(world, "load_shapes_pipeline", None)
+        if loader is None:
+            raise RuntimeError("the embedded shapes model is not available in this installation "
+                               "(spm_rt.world.load_shapes_pipeline is missing)")
+        pipe = loader(dtype=dtype)
+    else:
+        from diffusers import DiffusionPipeline
+
+        kwargs = {"torch_dtype": dtype}
+        try:
+            index = DiffusionPipeline.load_config(name)
+        except Exception as exc:
+            raise RuntimeError(f"pretrained_model.name_or_path {name!r}: not a diffusers pipeline folder or a "
+                               f"reachable hub id ({type(exc).__name__}: {exc})") from None
+        if "safety_checker" in index:  # never used in training; do not load it
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        pipe = DiffusionPipeline.from_pretrained(name, **kwargs)
+    if not hasattr(pipe, "unet") or not hasattr(pipe, "text_encoder"):
+        raise RuntimeError(f"{name}: a Stable Diffusion (1.x/2.x) or SDXL pipeline is needed, got {type(pipe).__name__}")
+    return pipe
+
+
+def _noise_scheduler(name: str, pipe_scheduler_config, v_pred: bool):
+    """The reference's training scheduler, with the model's own beta schedule (for SD checkpoints
+    these are the reference's fixed values: 0.00085, 0.012, scaled_linear, 1000 steps)."""
+    import diffusers
+
+    cls = {"ddim": diffusers.DDIMScheduler, "ddpm": diffusers.DDPMScheduler,
+           "lms": diffusers.LMSDiscreteScheduler, "euler_a": diffusers.EulerAncestralDiscreteScheduler}[name]
+    src = dict(pipe_scheduler_config)
+    kwargs = {k: src[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+              if k in src and src[k] is not None}
+    if name in ("ddim", "ddpm"):
+        kwargs["clip_sample"] = False
+    kwargs["prediction_type"] = "v_prediction" if v_pred else src.get("prediction_type", "epsilon")
+    return cls(**kwargs)
+
+
+@dataclasses.dataclass
+class _Cond:
+    """UNet conditioning for N rows."""
+
+    emb: torch.Tensor  # [N, 77, d]
+    pooled: torch.Tensor | None = None  # [N, p] (SDXL)
+    time_ids: torch.Tensor | None = None  # [N, 6] (SDXL)
+
+    @staticmethod
+    def cat(parts: list["_Cond"]) -> "_Cond":
+        xl = parts[0].pooled is not None
+        return _Cond(torch.cat([p.emb for p in parts]),
+                     torch.cat([p.pooled for p in parts]) if xl else None,
+                     torch.cat([p.time_ids for p in parts]) if xl else None)
+
+    def repeat(self, n: int) -> "_Cond":
+        return _Cond(self.emb.repeat_interleave(n, 0),
+                     None if self.pooled is None else self.pooled.repeat_interleave(n, 0),
+                     None if self.time_ids is None else self.time_ids.repeat_interleave(n, 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer and LR schedule (names as the reference's train_util)
+
+def _literal_kwargs(args) -> dict:
+    import ast
+
+    if not args:
+        return {}
+    if isinstance(args, str):
+        args = [args]
+    out = {}
+    for arg in args:
+        key, _, value = arg.partition("=")
+        out[key.strip()] = ast.literal_eval(value.strip())
+    return out
+
+
+def build_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """``train.optimizer_type``: AdamW, AdamW8bit (bitsandbytes on CUDA; otherwise AdamW with a
+    warning), SGDNesterov, SGDNesterov8bit, Lion (lion_pytorch), any ``torch.optim`` class name, or
+    a dotted ``package.module.Class``."""
+    import importlib
+
+    t = config.train
+    kwargs = _literal_kwargs(t.optimizer_args)
+    kind = (t.optimizer_type or "AdamW").strip()
+    low = kind.lower()
+    device = params[0].device if params else torch.device("cpu")
+    if low.endswith("8bit"):
+        bnb = None
+        if device.type == "cuda":
+            try:
+                import bitsandbytes as bnb
+            except ImportError:
+                bnb = None
+        if bnb is not None:
+            cls = {"adamw8bit": bnb.optim.AdamW8bit, "sgdnesterov8bit": bnb.optim.SGD8bit,
+                   "lion8bit": getattr(bnb.optim, "Lion8bit", None),
+                   "pagedadamw8bit": getattr(bnb.optim, "PagedAdamW8bit", None)}.get(low)
+            if cls is None:
+                raise ValueError(f"train.optimizer_type {kind!r} is not available in this bitsandbytes")
+            if low == "sgdnesterov8bit":
+                kwargs.setdefault("momentum", 0.9)
+                kwargs["nesterov"] = True
+            return cls(params, lr=t.lr, **kwargs)
+        fallback = {"adamw8bit": "AdamW", "pagedadamw8bit": "AdamW", "sgdnesterov8bit": "SGDNesterov",
+                    "lion8bit": "Lion"}.get(low)
+        if fallback is None:
+            raise ValueError(f"train.optimizer_type {kind!r} needs bitsandbytes and a CUDA device")
+        why = "bitsandbytes is not installed" if device.type == "cuda" else f"8-bit optimizers need CUDA (device {device.type})"
+        warnings.warn(f"optimizer_type {kind}: {why}; using 32-bit {fallback} instead", stacklevel=2)
+        low, kind = fallback.lower(), fallback
+    if low == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, **kwargs)
+    if low == "sgdnesterov":
+        kwargs.setdefault("momentum", 0.9)
+        return torch.optim.SGD(params, lr=t.lr, nesterov=True, **kwargs)
+    if low == "lion":
+        try:
+            import lion_pytorch
+        except ImportError:
+            raise ImportError("optimizer_type Lion needs lion_pytorch: pip install lion-pytorch") from None
+        return lion_pytorch.Lion(params, lr=t.lr, **kwargs)
+    if "." in kind:
+        module, _, cls_name = kind.rpartition(".")
+        cls = getattr(importlib.import_module(module), cls_name)
+    else:
+        cls = getattr(torch.optim, kind, None)
+        if cls is None:
+            raise ValueError(f"unknown train.optimizer_type {kind!r} (AdamW, AdamW8bit, SGDNesterov, Lion, a "
+                             "torch.optim class name or a dotted import path)")
+    return cls(params, lr=t.lr, **kwargs)
+
+
+def build_lr_scheduler(optimizer, config: TrainConfig):
+    """diffusers' schedules by the reference's names (``cosine_with_restarts`` with
+    ``lr_scheduler_num_cycles`` cycles and ``lr_warmup_steps`` warmup, ...)."""
+    from diffusers.optimization import get_scheduler
+
+    t = config.train
+    extra = _literal_kwargs(t.lr_scheduler_args)
+    warmup = 0 if t.lr_scheduler == "constant" else t.lr_warmup_steps
+    if t.lr_scheduler == "piecewise_constant":
+        return get_scheduler(t.lr_scheduler, optimizer, step_rules=extra.get("step_rules"))
+    if t.lr_scheduler in ("cosine_with_restarts",):
+        return get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=t.iterations,
+                             num_cycles=t.lr_scheduler_num_cycles)
+    if t.lr_scheduler == "polynomial":
+        return get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=t.iterations,
+                             power=t.lr_scheduler_power)
+    return get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=t.iterations)
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer
+
+class Trainer:
+    """Runs the reference training algorithm on spm_rt layers; see the module docstring.
+
+    ``pipe`` overrides ``config.pretrained_model`` (it is modified in place: UNet and text encoders
+    are frozen, moved to the device and cast to ``train.precision``; the UNet is patched until
+    :meth:`close`). ``membrane`` replaces the trained adapter with any object offering
+    ``parameters()`` and ``on()`` (benchmarks compare other LoRA implementations with it; saving
+    then is unavailable).
+
+    Example::
+
+        >>> trainer = Trainer(load_config("run.yaml"))  # doctest: +SKIP
+        >>> path = trainer.run()  # doctest: +SKIP
+        >>> trainer.history[-1]["erase"]  # doctest: +SKIP
+    """
+
+    def __init__(self, config: TrainConfig, pipe=None, *, membrane=None, progress: bool = True):
+        self.config = config
+        self.progress = progress
+        t = config.train
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if t.device == "auto" else t.device)
+        self.dtype = _DTYPES[t.precision]
+        self.pipe = pipe if pipe is not None else load_pipeline(config)
+        self.sdxl = getattr(self.pipe, "text_encoder_2", None) is not None
+        self.unet = self.pipe.unet
+        self.text_encoders = [te for te in (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None))
+                              if te is not None]
+        for m in [self.unet, *self.text_encoders]:
+            m.requires_grad_(False)
+            m.eval()
+            w = next(m.parameters())
+            if w.device != self.device:
+                m.to(self.device)
+            if w.dtype != self.dtype:  # cast only when needed (diffusers warns on every dtype cast)
+                m.to(dtype=self.dtype)
+        self.vae_scale_factor = int(getattr(self.pipe, "vae_scale_factor", 8))
+        self.scheduler = _noise_scheduler(t.noise_scheduler, self.pipe.scheduler.config,
+                                          config.pretrained_model.v_pred)
+        self._step_takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+
+        self.generator = torch.Generator().manual_seed(t.seed)
+        self.membrane = membrane if membrane is not None else TrainableSPM(
+            self.unet, config.concepts, config.network.rank, config.network.alpha,
+            generator=self.generator, backend=t.backend)
+        try:
+            self.optimizer = build_optimizer(self.membrane.parameters(), config)
+            self.lr_scheduler = build_lr_scheduler(self.optimizer, config)
+            self.embeds = self._encode_settings()
+        except BaseException:
+            self.close()  # leave the pipeline unpatched
+            raise
+        self.step_count = 0
+        self.history: list[dict] = []
+
+    # -- conditioning ---------------------------------------------------------------------
+    @torch.no_grad()
+    def _encode(self, prompt: str) -> _Cond:
+        pipe = self.pipe
+        if not self.sdxl:
+            ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids.to(self.device)
+            return _Cond(pipe.text_encoder(ids)[0])  # last hidden state, as the reference
+        embs, pooled = [], None
+        for tok, te in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+            ids = tok([prompt], padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(self.device)
+            out = te(ids, output_hidden_states=True)
+            embs.append(out.hidden_states[-2])  # penultimate layer, as SDXL and the reference
+            pooled = out.text_embeds if hasattr(out, "text_embeds") else out[0]  # text_encoder_2's projection
+        return _Cond(torch.cat(embs, dim=-1), pooled)
+
+    def _encode_settings(self) -> list[dict[str, _Cond]]:
+        cache: dict[str, _Cond] = {}
+        out = []
+        for ps in self.config.prompts:
+            d = {}
+            for role in ("target", "positive", "neutral", "unconditional"):
+                text = getattr(ps, role)
+                if text not in cache:
+                    cache[text] = self._encode(text)
+                d[role] = cache[text]
+            out.append(d)
+        return out
+
+    def _time_ids(self, h: int, w: int, dynamic_crops: bool, g: torch.Generator) -> torch.Tensor:
+        """SDXL add_time_ids (original size, crop top-left, target size) in pixels, as the reference."""
+        if dynamic_crops:
+            s = float(torch.rand((), generator=g)) * 2 + 1
+            orig = (int(h * s), int(w * s))
+            crop = (int(torch.randint(0, orig[0] - h + 1, (), generator=g)),
+                    int(torch.randint(0, orig[1] - w + 1, (), generator=g)))
+        else:
+            orig, crop = (h, w), (0, 0)
+        return torch.tensor([[*orig, *crop, h, w]], dtype=self.dtype, device=self.device)
+
+    # -- UNet calls -----------------------------------------------------------------------
+    def _unet(self, latents: torch.Tensor, t, cond: _Cond) -> torch.Tensor:
+        x = self.scheduler.scale_model_input(latents, t)
+        kwargs = {}
+        if cond.pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+        return self.unet(x, t, encoder_hidden_states=cond.emb, **kwargs).sample
+
+    def _resolution(self, ps, g: torch.Generator) -> tuple[int, int]:
+        if not ps.dynamic_resolution:
+            return ps.resolution, ps.resolution
+        # The reference's buckets: multiples of 64 px (8 latent pixels) in [res/2, res); scaled to
+        # the VAE's factor so small embedded models get buckets too.
+        step = 8 * self.vae_scale_factor
+        lo, hi = (ps.resolution // 2) // step, ps.resolution // step
+        if hi <= lo:
+            return ps.resolution, ps.resolution
+        h = int(torch.randint(lo, hi, (), generator=g)) * step
+        w = int(torch.randint(lo, hi, (), generator=g)) * step
+        return h, w
+
+    def _losses(self, g: torch.Generator) -> dict:
+        """One draw of the training objective (grad enabled for the SPM-on pass if the caller allows)."""
+        cfg = self.config
+        t_cfg = cfg.train
+        idx = int(torch.randint(0, len(cfg.prompts), (), generator=g))
+        ps, emb = cfg.prompts[idx], self.embeds[idx]
+        t_to = int(torch.randint(1, t_cfg.max_denoising_steps, (), generator=g))
+        h, w = self._resolution(ps, g)
+        b, f = ps.batch_size, self.vae_scale_factor
+        sched = self.scheduler
+        sched.set_timesteps(t_cfg.max_denoising_steps, device=self.device)
+        latents = torch.randn(b, self.unet.config.in_channels, h // f, w // f, generator=g)
+        latents = (latents * sched.init_noise_sigma).to(self.device, self.dtype)
+
+        def cond(role: str, n: int) -> _Cond:
+            c = emb[role]
+            if self.sdxl:
+                c = _Cond(c.emb, c.pooled, time_ids)
+            return c.repeat(n)
+
+        time_ids = self._time_ids(h, w, ps.dynamic_crops, g) if self.sdxl else None
+        step_kwargs = {"generator": g} if self._step_takes_generator else {}
+
+        # 2. the training latents: SPM on, CFG 3 from step 0 to t_to
+        with torch.no_grad(), self.membrane.on():
+            traj = _Cond.cat([cond("unconditional", b), cond("target", b)])
+            for t in sched.timesteps[:t_to]:
+                pred = self._unet(torch.cat([latents, latents]), t, traj)
+                uncond, text = pred.chunk(2)
+                guided = uncond + CFG_TRAJECTORY * (text - uncond)
+                if self.sdxl:
+                    guided = _rescale_cfg(guided, text, XL_GUIDANCE_RESCALE)
+                latents = sched.step(guided, t, latents, **step_kwargs).prev_sample
+
+        sched.set_timesteps(sched.config.num_train_timesteps, device=self.device)
+        t_train = sched.timesteps[int(t_to * sched.config.num_train_timesteps / t_cfg.max_denoising_steps)]
+
+        la = ps.action == "erase_with_la"
+        anchors = None
+        if la:
+            s = ps.sampling_batch_size
+            anchors = _Cond(sample_anchors(emb["target"].emb, s, g))
+            if self.sdxl:
+                anchors = _Cond(anchors.emb, sample_anchors(emb["target"].pooled, s, g), time_ids.repeat(s, 1))
+            anchor_latents = latents.repeat(s // b, 1, 1, 1)  # anchor i sees latent i % b, as the reference
+
+        # 3. SPM off: positive, neutral (and anchors) in one batch
+        with torch.no_grad():
+            parts = [cond("positive", b), cond("neutral", b)] + ([anchors] if la else [])
+            lat = torch.cat([latents, latents] + ([anchor_latents] if la else []))
+            off = self._unet(lat, t_train, _Cond.cat(parts))
+        eps_pos, eps_neu = off[:b], off[b:2 * b]
+
+        # 4. SPM on, with grad: target (and anchors) in one batch
+        with self.membrane.on():
+            parts = [cond("target", b)] + ([anchors] if la else [])
+            lat = torch.cat([latents] + ([anchor_latents] if la else []))
+            on = self._unet(lat, t_train, _Cond.cat(parts))
+
+        out = {"prompt": idx, "t_to": t_to, "erase": erase_loss(on[:b], eps_pos, eps_neu, ps.guidance_scale)}
+        out["loss"] = out["erase"]
+        if la:
+            out["anchoring"] = anchoring_loss(on[b:], off[2 * b:])
+            out["loss"] = out["erase"] + ps.la_strength * out["anchoring"]
+        return out
+
+    # -- public loop ----------------------------------------------------------------------
+    def step(self) -> dict:
+        """One optimisation step; returns (and records in ``history``) its losses as floats."""
+        refresh = getattr(self.membrane, "refresh", None)
+        if refresh is not None:
+            refresh()
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = self._losses(self.generator)
+        losses["loss"].backward()
+        if self.config.train.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.membrane.parameters(), self.config.train.max_grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.step_count += 1
+        rec = {"step": self.step_count, "prompt": losses["prompt"], "t_to": losses["t_to"], "lr": lr,
+               "loss": losses["loss"].item(), "erase": losses["erase"].item(),
+               "anchoring": losses["anchoring"].item() if "anchoring" in losses else None}
+        self.history.append(rec)
+        return rec
+
+    @torch.no_grad()
+    def evaluate(self, n: int = 4, seed: int = 12345) -> dict:
+        """Mean erase and anchoring losses over ``n`` draws with a fixed seed (no update, and the
+        training generator is untouched): a low-noise view of progress.
+
+        Example::
+
+            >>> trainer.evaluate(8)  # doctest: +SKIP
+            {'erase': 0.0123, 'anchoring': 1.2e-07}
+        """
+        refresh = getattr(self.membrane, "refresh", None)
+        if refresh is not None:
+            refresh()
+        g = torch.Generator().manual_seed(seed)
+        erase, anchor, n_anchor = 0.0, 0.0, 0
+        for _ in range(n):
+            out = self._losses(g)
+            erase += float(out["erase"])
+            if "anchoring" in out:
+                anchor += float(out["anchoring"])
+                n_anchor += 1
+        return {"erase": erase / n, "anchoring": anchor / n_anchor if n_anchor else None}
+
+    def run(self, resume: str | os.PathLike | None = None) -> Path:
+        """Train to ``train.iterations``, saving every ``save.per_steps``; returns the final file
+        ``<save.path>/<save.name>_last.safetensors``."""
+        from tqdm.auto import tqdm
+
+        if resume is not None:
+            self.load_checkpoint(resume)
+        total = self.config.train.iterations
+        la = any(p.action == "erase_with_la" for p in self.config.prompts)
+        with tqdm(total=total, initial=self.step_count, desc="SPM training", disable=not self.progress,
+                  dynamic_ncols=True) as bar:
+            while self.step_count < total:
+                rec = self.step()
+                post = {"erase": f"{rec['erase']:.4g}"}
+                if la:
+                    post["anchor"] = "-" if rec["anchoring"] is None else f"{rec['anchoring']:.3g}"
+                bar.set_postfix(post, refresh=False)
+                bar.update(1)
+                if self.step_count % self.config.save.per_steps == 0 and self.step_count < total:
+                    self.save_checkpoint()
+        path = self.save(Path(self.config.save.path) / f"{self.config.save.name}_last.safetensors")
+        self._write_history()
+        return path
+
+    # -- files ----------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the SPM (reference layout, ``save.precision``, with metadata) to ``path``."""
+        if not isinstance(self.membrane, TrainableSPM):
+            raise RuntimeError("this trainer trains a foreign membrane; it cannot save an SPM")
+        spm = self.membrane.to_spm()
+        spm.metadata = {"spm_rt.train": json.dumps({
+            "step": self.step_count, "iterations": self.config.train.iterations, "seed": self.config.train.seed,
+            "model": self.config.pretrained_model.name_or_path,
+            "actions": sorted({p.action for p in self.config.prompts}),
+        })}
+        return save_spm(spm, path, dtype=_DTYPES[self.config.save.precision])
+
+    def save_checkpoint(self) -> Path:
+        """``<name>_<step>steps.safetensors`` plus ``.state.pt`` (fp32 weights, optimizer, LR
+        schedule, generator state and loss history) for ``resume``."""
+        base = Path(self.config.save.path) / f"{self.config.save.name}_{self.step_count}steps"
+        path = self.save(base.with_suffix(".safetensors"))
+        state = {
+            "format": "spm_rt.train/1",
+            "step": self.step_count,
+            "membrane": self.membrane.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "history": json.dumps(self.history),
+            "config": json.dumps(self.config.to_dict(), sort_keys=True),
+        }
+        tmp = Path(str(base) + STATE_SUFFIX + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, str(base) + STATE_SUFFIX)
+        return path
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore a checkpoint written by :meth:`save_checkpoint` (give the ``.safetensors`` or
+        the ``.state.pt``)."""
+        path = Path(path)
+        state_path = path if path.name.endswith(STATE_SUFFIX) else Path(str(path.with_suffix("")) + STATE_SUFFIX)
+        if not state_path.is_file():
+            raise FileNotFoundError(f"{state_path}: no training state next to {path} (only checkpoints written "
+                                    f"every save.per_steps carry one)")
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if state.get("format") != "spm_rt.train/1":
+            raise ValueError(f"{state_path}: not an spm_rt training state")
+        saved = json.loads(state["config"])
+        now = self.config.to_dict()
+        for section in ("network",):
+            if saved[section] != now[section]:
+                raise ValueError(f"{state_path}: checkpoint has {section} {saved[section]}, config has {now[section]}")
+        # where files go (save.*) does not change the trajectory
+        diff = sorted(f"{s}.{k}" for s in now if isinstance(now[s], dict) and s != "save"
+                      for k in now[s] if saved.get(s, {}).get(k) != now[s][k])
+        if saved["prompts"] != now["prompts"]:
+            diff.append("prompts")
+        if diff:
+            warnings.warn(f"resuming with a config that differs from the checkpoint's in {', '.join(diff)}; "
+                          "the run will not reproduce an uninterrupted one", stacklevel=2)
+        self.membrane.load_state_dict(state["membrane"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.generator.set_state(state["generator"])
+        self.step_count = int(state["step"])
+        self.history = json.loads(state["history"])
+
+    def _write_history(self) -> None:
+        path = Path(self.config.save.path) / f"{self.config.save.name}_losses.csv"
+        with open(path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=["step", "prompt", "t_to", "lr", "loss", "erase", "anchoring"])
+            w.writeheader()
+            w.writerows(self.history)
+
+    def close(self) -> None:
+        """Unpatch the UNet."""
+        remove = getattr(self.membrane, "remove", None)
+        if remove is not None:
+            remove()
+
+
+def _rescale_cfg(guided: torch.Tensor, text: torch.Tensor, rescale: float) -> torch.Tensor:
+    """Guidance rescale (Lin et al. 2023), as diffusers and the reference's SDXL trainer apply it."""
+    dims = list(range(1, text.ndim))
+    rescaled = guided * (text.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return rescale * rescaled + (1 - rescale) * guided
+
+
+def train(config: TrainConfig | dict | str | os.PathLike, *, resume: str | os.PathLike | None = None, pipe=None,
+          progress: bool = True) -> Path:
+    """Train an SPM from a config (a :class:`TrainConfig`, a dict, or a YAML path) and return the
+    path of the final file (``<save.path>/<save.name>_last.safetensors``), loadable by
+    :func:`spm_rt.load_spm` and by diffusers' ``pipe.load_lora_weights``.
+
+    ``resume`` continues from a checkpoint written every ``save.per_steps`` (reproducing the
+    uninterrupted run). ``pipe`` trains on a pipeline object instead of loading
+    ``pretrained_model.name_or_path``.
+
+    Example::
+
+        >>> from spm_rt.train import train
+        >>> path = train({
+        ...     "prompts": [{"target": "circle", "action": "erase_with_la", "resolution": 32,
+        ...                  "sampling_batch_size": 2}],
+        ...     "pretrained_model": {"name_or_path": "tiny"},
+        ...     "train": {"iterations": 2, "max_denoising_steps": 3, "optimizer_type": "AdamW"},
+        ...     "save": {"name": "circle", "path": "out"},
+        ... }, progress=False)  # doctest: +SKIP
+        >>> path.name  # doctest: +SKIP
+        'circle_last.safetensors'
+    """
+    if isinstance(config, (str, os.PathLike)):
+        config = load_config(config)
+    elif isinstance(config, dict):
+        config = TrainConfig.from_dict(config)
+    for note in config.notes:
+        warnings.warn(note, stacklevel=2)
+    trainer = Trainer(config, pipe, progress=progress)
+    try:
+        return trainer.run(resume=resume)
+    finally:
+        trainer.close()
