@@ -1,0 +1,199 @@
+"""``spm-rt export ...`` subcommands: onnx, check, run, engine, refit. Thin: parse, call the library,
+print/save. Heavy imports happen inside the handlers."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _concepts(values: list[str] | None, n_spms: int) -> list[list[str]] | None:
+    """``--concepts`` once per SPM, names separated by commas (a JSON list keeps commas in names)."""
+    if not values:
+        return None
+    if len(values) != n_spms:
+        raise SystemExit(f"--concepts given {len(values)} times for {n_spms} SPMs (once per SPM, in order)")
+    out = []
+    for v in values:
+        v = v.strip()
+        out.append(json.loads(v) if v.startswith("[") else [c.strip() for c in v.split(",") if c.strip()])
+    return out
+
+
+def _floats(text: str | None) -> list[float] | None:
+    return None if text is None else [float(v) for v in text.split(",")]
+
+
+def _load_pipeline(model: str, dtype: str):
+    import torch
+
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    if model.startswith("tiny:"):  # the offline test pipelines (spm_rt.testing)
+        from spm_rt.testing import tiny_pipeline
+
+        return tiny_pipeline(0, model.split(":", 1)[1])
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _cmd_onnx(args) -> int:
+    import torch
+
+    import spm_rt
+    from spm_rt.export.onnx import export_onnx
+
+    pipe = _load_pipeline(args.model, args.load_dtype)
+    if args.device:
+        pipe.to(args.device)
+    concepts = _concepts(args.concepts, len(args.spm))
+    rt = spm_rt.compile(pipe, args.spm, concepts=concepts, combine=args.combine, transport=args.transport,
+                        fixed_gates=_floats(args.fixed_gates))
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    external = {"auto": None, "yes": True, "no": False}[args.external_data]
+    manifest = export_onnx(rt, args.out, gates=args.gates, k_max=args.k_max, concepts_max=args.concepts_max,
+                           folded_gates=_floats(args.folded_gates), opset=args.opset, dtype=dtype,
+                           components=tuple(args.components.split(",")), external_data=external)
+    for name, spec in manifest["graphs"].items():
+        ins = ", ".join(f"{i['name']}{i['shape']}" for i in spec["inputs"])
+        outs = ", ".join(f"{o['name']}{o['shape']}" for o in spec["outputs"])
+        print(f"{name}: {Path(args.out) / spec['file']}  ({ins}) -> ({outs})")
+    print(f"manifest: {Path(args.out) / 'manifest.json'}  concepts={manifest['concepts']} "
+          f"gates={manifest['gates_mode']} k_max={manifest['k_max']} combine={manifest['combine']}")
+    return 0
+
+
+def _cmd_check(args) -> int:
+    from spm_rt.export.onnx import check_onnx
+
+    for f in check_onnx(args.onnx):
+        print(f"ok: {f}")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from spm_rt.export.ort import run_onnx_pipeline
+
+    images = run_onnx_pipeline(args.onnx, args.prompt, steps=args.steps, guidance_scale=args.guidance_scale,
+                               seed=args.seed, height=args.height, width=args.width,
+                               negative_prompt=args.negative_prompt, gates=_floats(args.gates),
+                               providers=args.provider, progress=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        path = out if len(images) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
+        image.save(path)
+        print(path)
+    return 0
+
+
+def _cmd_engine(args) -> int:
+    from spm_rt.export.trt import build_engines
+
+    precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+    graphs = tuple(args.graphs.split(",")) if args.graphs else None
+    try:
+        built = build_engines(args.onnx, args.out, precision=precision, refittable=args.refittable,
+                              shapes=args.shapes, graphs=graphs, workspace_gb=args.workspace_gb)
+    except (ImportError, RuntimeError, ValueError) as exc:  # missing tensorrt/GPU, parse/build errors
+        print(f"spm-rt export engine: {exc}", file=sys.stderr)
+        return 1
+    for name, path in built.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _cmd_refit(args) -> int:
+    from spm_rt.export.trt import refit_engines
+
+    try:
+        counts = refit_engines(args.engine, args.spm, concepts=_concepts(args.concepts, len(args.spm)),
+                               onnx_dir=args.onnx, fixed_gates=_floats(args.fixed_gates))
+    except (ImportError, RuntimeError, ValueError) as exc:
+        print(f"spm-rt export refit: {exc}", file=sys.stderr)
+        return 1
+    for name, n in counts.items():
+        print(f"{name}: refitted {n} weights")
+    return 0
+
+
+def add_subcommands(subparsers) -> None:
+    """Register ``spm-rt export {onnx,check,run,engine,refit}``."""
+    export = subparsers.add_parser("export", help="ONNX graphs and TensorRT engines",
+                                   description="Export SPM-patched pipelines to ONNX / TensorRT and run them.")
+    sub = export.add_subparsers(dest="export_command", metavar="WHAT")
+    export.set_defaults(func=lambda args: (export.print_help(), 2)[1])
+
+    p = sub.add_parser("onnx", help="export text encoder (with gates), UNet and VAE decoder to ONNX")
+    p.add_argument("--model", required=True, help="diffusers pipeline folder or hub id (tiny:sd15|sd2|sdxl: test models)")
+    p.add_argument("--spm", nargs="+", required=True, help="SPM .safetensors files, in gate order")
+    p.add_argument("--concepts", action="append", help="concept names of one SPM (repeat once per SPM; "
+                                                       "comma-separated, or a JSON list)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--gates", choices=("input", "folded", "none"), default="input",
+                   help="input: gates [batch, k_max] are a graph input; folded: SPMs merged for fixed gates; "
+                        "none: the base UNet")
+    p.add_argument("--k-max", type=int, help="pad to this many SPM slots (one graph for up to k_max SPMs)")
+    p.add_argument("--concepts-max", type=int, help="concept slots in the text-encoder graph")
+    p.add_argument("--combine", choices=("linear", "official"), default="linear")
+    p.add_argument("--transport", choices=("clipcos_tokenuni", "clipcos", "tokenuni", "fixed"),
+                   default="clipcos_tokenuni")
+    p.add_argument("--fixed-gates", help="comma-separated gates for --transport fixed")
+    p.add_argument("--folded-gates", help="comma-separated gates merged with --gates folded (default ones)")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="graph dtype (default: the model's)")
+    p.add_argument("--load-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="dtype to load the pipeline in")
+    p.add_argument("--device", help="device to trace on (e.g. cuda)")
+    p.add_argument("--components", default="text_encoder,unet,vae_decoder")
+    p.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
+                   help="weights in a separate file (auto: when over 2 GB)")
+    p.set_defaults(func=_cmd_onnx)
+
+    p = sub.add_parser("check", help="onnx.checker and strict shape inference on an exported folder")
+    p.add_argument("--onnx", required=True)
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("run", help="generate images from an exported folder with ONNX Runtime")
+    p.add_argument("--onnx", required=True, help="folder written by 'spm-rt export onnx'")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for several images")
+    p.add_argument("--out", required=True, help="PNG path (x.png; several prompts: x_0.png, x_1.png, ...)")
+    p.add_argument("--negative-prompt")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--gates", help="comma-separated gates overriding the text-encoder graph's")
+    p.add_argument("--provider", action="append", help="onnxruntime execution provider (repeatable)")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("engine", help="build TensorRT engines from an exported folder (needs tensorrt and a GPU)")
+    p.add_argument("--onnx", required=True)
+    p.add_argument("--out", required=True)
+    prec = p.add_mutually_exclusive_group()
+    prec.add_argument("--fp16", action="store_true")
+    prec.add_argument("--bf16", action="store_true")
+    p.add_argument("--refittable", action="store_true", help="keep the SPM tensors refittable (spm-rt export refit)")
+    p.add_argument("--shapes", help="MIN/OPT/MAX as BATCHxHEIGHTxWIDTH in pixels, e.g. 1x512x512/1x512x512/4x512x512")
+    p.add_argument("--graphs", help="comma-separated subset of text_encoder,unet,vae_decoder")
+    p.add_argument("--workspace-gb", type=float)
+    p.set_defaults(func=_cmd_engine)
+
+    p = sub.add_parser("refit", help="swap the SPM set of refittable TensorRT engines without a rebuild")
+    p.add_argument("--engine", required=True, help="folder written by 'spm-rt export engine --refittable'")
+    p.add_argument("--spm", nargs="+", required=True)
+    p.add_argument("--concepts", action="append")
+    p.add_argument("--onnx", help="the exported folder (for concept embeddings; default: the one built from)")
+    p.add_argument("--fixed-gates")
+    p.set_defaults(func=_cmd_refit)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    parser = argparse.ArgumentParser(prog="spm-rt")
+    add_subcommands(parser.add_subparsers(dest="command"))
+    ns = parser.parse_args()
+    sys.exit(ns.func(ns) or 0)
