@@ -46,7 +46,6 @@ import contextlib
 import copy
 import json
 import os
-import shutil
 import tempfile
 import types
 from dataclasses import replace
@@ -384,17 +383,59 @@ def _io_spec(graph) -> tuple[list[dict], list[dict]]:
     return [spec(v) for v in graph.input if v.name not in inits], [spec(v) for v in graph.output]
 
 
+def _tensor_bytes(init, src_dir: Path) -> bytes | None:
+    """The raw bytes of an initializer, inline or in an external file (None: typed fields)."""
+    if init.data_location == 1:  # TensorProto.EXTERNAL
+        info = {e.key: e.value for e in init.external_data}
+        with open(src_dir / info["location"], "rb") as fh:
+            fh.seek(int(info.get("offset", 0)))
+            length = info.get("length")
+            return fh.read(int(length)) if length is not None else fh.read()
+    return init.raw_data if init.HasField("raw_data") else None
+
+
+def _save_with_external_data(model, src_dir: Path, path: Path, threshold: int = 1024) -> str:
+    """Save ``model`` with every tensor of ``threshold`` bytes or more in one data file beside it,
+    streaming tensor by tensor (from ``src_dir`` where they are external already), so a graph of any
+    size is written without holding all its weights in memory. Offsets are page-aligned (mmap)."""
+    onnx = _require_onnx()
+    location = path.name + "_data"
+    align = 4096
+    offset = 0
+    with open(path.with_name(location), "wb") as out:
+        for init in model.graph.initializer:
+            data = _tensor_bytes(init, src_dir)
+            if data is None or (init.data_location != 1 and len(data) < threshold):
+                continue
+            pad = -offset % align
+            out.write(b"\0" * pad)
+            offset += pad
+            out.write(data)
+            del init.external_data[:]
+            init.ClearField("raw_data")
+            init.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(data)))):
+                entry = init.external_data.add()
+                entry.key, entry.value = key, value
+            offset += len(data)
+    onnx.save_model(model, str(path))
+    return location
+
+
 def _export_graph(module: nn.Module, args: tuple, path: Path, *, input_names, output_names, dynamic_axes,
                   opset: int, rename: dict[str, str], external_data: bool | None,
                   output_shapes: dict[str, list] | None = None) -> dict:
-    """torch.onnx (TorchScript exporter) -> rename initializers -> save (one external data file when
-    the weights pass 2 GB, as diffusers does) -> graph spec for the manifest."""
+    """torch.onnx (TorchScript exporter) -> graph edits (names, inputs, output shapes, Gemm) ->
+    save, with one external data file when the weights pass 2 GB (as diffusers does) or when asked
+    -> graph spec for the manifest. Weights are never loaded into the ONNX proto as a whole: for
+    large graphs they stream from the exporter's files into the final data file."""
     onnx = _require_onnx()
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in (path, path.with_name(path.name + "_data")):
         stale.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        tmp_path = Path(tmp) / "model.onnx"
+        tmp_dir = Path(tmp)
+        tmp_path = tmp_dir / "model.onnx"
         with torch.no_grad():
             torch.onnx.export(
                 module, args, str(tmp_path), input_names=input_names, output_names=output_names,
@@ -403,32 +444,37 @@ def _export_graph(module: nn.Module, args: tuple, path: Path, *, input_names, ou
                 # merge equal tensors (e.g. every module's SPM scale) under one name
                 keep_initializers_as_inputs=True,
             )
-        model = onnx.load(str(tmp_path), load_external_data=True)
-    # ...but initializers listed as graph inputs read as overridable to runtimes, which then skip
-    # constant folding: drop them from the inputs again
-    init_names = {i.name for i in model.graph.initializer}
-    kept = [v for v in model.graph.input if v.name not in init_names]
-    del model.graph.input[:]
-    model.graph.input.extend(kept)
-    _rename_in_graph(model.graph, rename)
-    for out in model.graph.output:  # the exporter invents names like "Castprompt_embeds_dim_1"
-        dims = (output_shapes or {}).get(out.name)
-        if dims is not None:
-            shape = out.type.tensor_type.shape
-            del shape.dim[:]
-            for d in dims:
-                if isinstance(d, str):
-                    shape.dim.add().dim_param = d
-                else:
-                    shape.dim.add().dim_value = int(d)
-    _gemm_for_transposed_weights(model.graph, "spm.")
-    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
-    use_external = weight_bytes > _EXTERNAL_DATA_BYTES if external_data is None else external_data
-    if use_external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + "_data", size_threshold=1024, convert_attribute=False)
-    else:
-        onnx.save_model(model, str(path))
+        model = onnx.load(str(tmp_path), load_external_data=False)
+        # ...but initializers listed as graph inputs read as overridable to runtimes, which then
+        # skip constant folding: drop them from the inputs again
+        init_names = {i.name for i in model.graph.initializer}
+        kept = [v for v in model.graph.input if v.name not in init_names]
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+        _rename_in_graph(model.graph, rename)
+        for out in model.graph.output:  # the exporter invents names like "Castprompt_embeds_dim_1"
+            dims = (output_shapes or {}).get(out.name)
+            if dims is not None:
+                shape = out.type.tensor_type.shape
+                del shape.dim[:]
+                for d in dims:
+                    if isinstance(d, str):
+                        shape.dim.add().dim_param = d
+                    else:
+                        shape.dim.add().dim_value = int(d)
+        _gemm_for_transposed_weights(model.graph, "spm.")
+        exported_external = any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer)
+        weight_bytes = sum(int({e.key: e.value for e in i.external_data}.get("length", 0)) or len(i.raw_data)
+                           for i in model.graph.initializer)
+        if exported_external and external_data is False:
+            raise ValueError(f"{path}: the weights ({weight_bytes / 1e9:.1f} GB) pass protobuf's 2 GB limit; "
+                             "they need external data (external_data=None or True)")
+        use_external = external_data if external_data is not None else (
+            exported_external or weight_bytes > _EXTERNAL_DATA_BYTES)
+        if use_external:
+            _save_with_external_data(model, tmp_dir, path)
+        else:
+            onnx.save_model(model, str(path))
     inputs, outputs = _io_spec(model.graph)
     return {"file": path.name, "external_data": (path.name + "_data") if use_external else None,
             "inputs": inputs, "outputs": outputs, "initializer_bytes": weight_bytes}
@@ -777,40 +823,41 @@ def check_onnx(onnx_dir: str | os.PathLike) -> list[str]:
     return checked
 
 
-def _replace_initializers(path: Path, arrays: dict[str, np.ndarray], external: str | None, *,
-                          skip_absent: bool = False) -> None:
+def _replace_initializers(path: Path, arrays: dict[str, np.ndarray], *, skip_absent: bool = False) -> None:
+    """Overwrite initializers of the graph at ``path`` with same-shaped data: in place in the
+    external data file for external tensors (no full load, whatever the graph's size), in the graph
+    proto for inline ones."""
     onnx = _require_onnx()
-    from onnx import numpy_helper
+    from onnx import helper, numpy_helper
 
-    model = onnx.load(str(path), load_external_data=True)
+    model = onnx.load(str(path), load_external_data=False)
     by_name = {init.name: init for init in model.graph.initializer}
     if skip_absent:  # e.g. the token tensors of a clipcos-only graph: the exporter dropped them as unused
         arrays = {n: a for n, a in arrays.items() if n in by_name}
     missing = [n for n in arrays if n not in by_name]
     if missing:
         raise SPMFormatError(f"{path}: no initializer named {missing[:3]} (was the graph exported by this version?)")
+    graph_changed = False
     for name, arr in arrays.items():
         init = by_name[name]
-        old = numpy_helper.to_array(init)
-        if tuple(old.shape) != tuple(arr.shape):
-            raise SPMFormatError(f"{path}: initializer {name} has shape {list(old.shape)}, new data {list(arr.shape)}")
-        init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr.astype(old.dtype, copy=False)), name))
-    tmp = path.with_name(path.name + ".tmp")
-    if external:
-        data = path.with_name(external)
-        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=external + ".tmp", size_threshold=1024, convert_attribute=False)
-        # rename the pair (the graph refers to its data file by name)
-        model = onnx.load(str(tmp), load_external_data=False)
-        for init in model.graph.initializer:
-            for entry in init.external_data:
-                if entry.key == "location":
-                    entry.value = external
+        if tuple(init.dims) != tuple(arr.shape):
+            raise SPMFormatError(f"{path}: initializer {name} has shape {list(init.dims)}, new data {list(arr.shape)}")
+        data = np.ascontiguousarray(np.asarray(arr).astype(helper.tensor_dtype_to_np_dtype(init.data_type)))
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in init.external_data}
+            raw = data.tobytes()
+            if int(info.get("length", len(raw))) != len(raw):
+                raise SPMFormatError(f"{path}: initializer {name} holds {info['length']} bytes, new data {len(raw)}")
+            with open(path.parent / info["location"], "r+b") as fh:
+                fh.seek(int(info.get("offset", 0)))
+                fh.write(raw)
+        else:
+            init.CopyFrom(numpy_helper.from_array(data, name))
+            graph_changed = True
+    if graph_changed:
+        tmp = path.with_name(path.name + ".tmp")
         onnx.save_model(model, str(tmp))
-        os.replace(path.with_name(external + ".tmp"), data)
-    else:
-        onnx.save_model(model, str(tmp))
-    os.replace(tmp, path)
+        os.replace(tmp, path)
 
 
 def concept_initializers(onnx_dir: str | os.PathLike, concepts: list[list[str]], *,
@@ -867,9 +914,9 @@ def set_onnx_spms(onnx_dir: str | os.PathLike, spms, *, concepts=None, fixed_gat
         te_arrays["transport.fixed_gates"] = fixed
     unet = manifest["graphs"].get("unet")
     if unet is not None:
-        _replace_initializers(root / unet["file"], arrays, unet["external_data"])
+        _replace_initializers(root / unet["file"], arrays)
     if te_arrays is not None:
-        _replace_initializers(root / te["file"], te_arrays, te["external_data"], skip_absent=True)
+        _replace_initializers(root / te["file"], te_arrays, skip_absent=True)
     manifest.update({
         "concepts": new_concepts, "spm_names": [s.name for s in spms], "num_spms": k,
         "fixed_gates": (None if transport != "fixed" else

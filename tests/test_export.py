@@ -301,6 +301,37 @@ def test_swapping_initializers_equals_reexport(sd15, tmp_path):
         set_onnx_spms(swapped, spms_for(pipe_b.unet, [["a", "b"], ["c", "d"], ["e"]]))
 
 
+def test_swap_in_external_data_and_streamed_save(sd15_official, tmp_path):
+    """Swapping writes in place into the external data file; large exports stream the exporter's
+    per-tensor files into one data file (both paths are what >2 GB graphs go through)."""
+    from spm_rt.export.onnx import _save_with_external_data
+
+    swapped = tmp_path / "swapped"
+    shutil.copytree(sd15_official["dir"], swapped)
+    pipe = tiny_pipeline(0)
+    spms = spms_for(pipe.unet, [["square"], ["green"]], seed0=40)
+    set_onnx_spms(swapped, spms)
+    spm_rt.compile(pipe, spms, combine="official")
+    x, kwargs = unet_inputs(pipe, len(ROW_GATES))
+    got = ort_unet(swapped, x, ROW_GATES)
+    assert np.abs(got - torch_unet(pipe, x, kwargs, ROW_GATES)).max() < 1e-4
+
+    # the exporter writes one file per tensor when a graph passes 2 GB: simulate that layout
+    per_tensor = tmp_path / "per_tensor"
+    per_tensor.mkdir()
+    model = onnx.load(str(swapped / "unet" / "model.onnx"))
+    onnx.save_model(model, str(per_tensor / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=False, size_threshold=1024)
+    assert len(list(per_tensor.iterdir())) > 50
+    streamed = tmp_path / "streamed" / "unet"
+    streamed.mkdir(parents=True)
+    graph = onnx.load(str(per_tensor / "model.onnx"), load_external_data=False)
+    _save_with_external_data(graph, per_tensor, streamed / "model.onnx")
+    assert sorted(p.name for p in streamed.iterdir()) == ["model.onnx", "model.onnx_data"]
+    onnx.checker.check_model(str(streamed / "model.onnx"), full_check=True)
+    np.testing.assert_array_equal(ort_unet(tmp_path / "streamed", x, ROW_GATES), got)
+
+
 # ---------------------------------------------------------------------------------------------
 # manifest, checker, external data, errors
 
