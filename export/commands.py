@@ -144,7 +144,8 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--fixed-gates", help="comma-separated gates for --transport fixed")
     p.add_argument("--folded-gates", help="comma-separated gates merged with --gates folded (default ones)")
     p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="graph dtype (default: the model's)")
+    p.add_argument("--dtype", choices=("float32", "float16"),
+                   help="graph dtype (default: the model's; for bf16 engines export float32 and use --bf16)")
     p.add_argument("--load-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="dtype to load the pipeline in")
     p.add_argument("--device", help="device to trace on (e.g. cuda)")

@@ -568,8 +568,8 @@ def export_onnx(
     k_max:         pad K to this many SPM slots (default: the pipeline's K), so one graph serves
                    any set of up to k_max SPMs of the exported rank.
     concepts_max:  concept slots in the text-encoder graph (default max(#concepts, k_max)).
-    opset:         >= 17. dtype: the graphs' float dtype (default: the UNet's; another dtype
-                   exports a converted copy of each component, one at a time).
+    opset:         >= 17. dtype: float32 or float16 (default: the UNet's; another dtype exports a
+                   converted copy of each component, one at a time; the text encoder stays float32).
     components:    any of "text_encoder", "unet", "vae_decoder".
     external_data: None = only for graphs whose weights pass 2 GB; True/False forces it.
 
@@ -601,6 +601,9 @@ def export_onnx(
     unet = pipe.unet
     dtype = dtype or unet.dtype
     dtype_name = _dtype_name(dtype)
+    if dtype == torch.bfloat16:
+        raise ValueError("dtype=bfloat16 is not exported: ONNX Conv has no bfloat16 type at opset 17 (the checker "
+                         "rejects the graph). Export float32 and build the TensorRT engine with --bf16 instead.")
     k = rt.num_spms
     k_max = k if k_max is None else int(k_max)
     if k_max < k:
