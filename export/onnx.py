@@ -116,6 +116,8 @@ def _load_spms(spms, concepts=None) -> list[SPM]:
 def _padded_stacks(modules: dict[str, nn.Module], spms: list[SPM], k_max: int, rank: int) -> dict[str, Stack]:
     """spm_rt.stack's layout for ``spms`` with K padded to ``k_max`` and r to ``rank`` (zero rows,
     zero scale): the same code path the runtime stacks with, one layout for every consumer."""
+    if not spms:
+        raise ValueError("no SPMs given")
     if len(spms) > k_max:
         raise ValueError(f"{len(spms)} SPMs do not fit k_max={k_max}")
     resolved = [resolve(spm, modules) for spm in spms]

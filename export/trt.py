@@ -228,7 +228,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike,
         else:
             config.set_flag(trt.BuilderFlag.REFIT)
     monitor = None
-    if progress:
+    if progress and hasattr(trt, "IProgressMonitor"):  # TensorRT >= 10
         monitor = _progress_monitor_class(trt)()
         config.progress_monitor = monitor  # must outlive the build
     serialized = builder.build_serialized_network(network, config)
