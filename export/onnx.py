@@ -617,6 +617,8 @@ def export_onnx(
     if gates == "folded":
         fixed = list(folded_gates) if folded_gates is not None else (fixed or [1.0] * k)
         transport_metric = "fixed"  # the UNet ignores gates: the text graph reports the folded ones
+    if transport_metric == "fixed" and fixed is None:
+        fixed = [1.0] * k  # what SPMPipeline.gates uses without fixed_gates
     if fixed is not None and len(fixed) != k:
         raise ValueError(f"{len(fixed)} fixed gates for {k} SPMs")
     concepts = [list(c) if c else [] for c in rt.concepts]

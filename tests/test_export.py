@@ -237,7 +237,7 @@ def test_text_encoder_graph_gates_equal_rt_gates(request, which):
         np.testing.assert_allclose(enc["pooled_prompt_embeds"], pooled.numpy(), atol=1e-5)
 
 
-@pytest.mark.parametrize("metric", ["tokenuni", "clipcos"])
+@pytest.mark.parametrize("metric", ["tokenuni", "clipcos", "fixed"])
 def test_text_encoder_graph_metrics(tmp_path, metric):
     pipe = tiny_pipeline(0)
     rt = spm_rt.compile(pipe, spms_for(pipe.unet, CONCEPTS_A), transport=metric)
@@ -247,6 +247,8 @@ def test_text_encoder_graph_metrics(tmp_path, metric):
     np.testing.assert_allclose(gates, expected, atol=1e-5)
     if metric == "tokenuni":  # |T_P ∩ T_c| / |T_c|, max over an SPM's concepts
         np.testing.assert_allclose(gates, [[1, 1], [0, 1], [0, 0], [0, 1]])
+    elif metric == "fixed":
+        np.testing.assert_array_equal(gates, np.ones((len(PROMPTS), 2)))
     else:
         assert len(np.unique(np.round(gates, 4))) > 4
 
