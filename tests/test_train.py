@@ -3,7 +3,6 @@ import json
 import math
 import shutil
 import textwrap
-import warnings
 from types import SimpleNamespace
 
 import pytest

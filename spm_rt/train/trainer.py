@@ -191,7 +191,8 @@ def load_pipeline(config: TrainConfig):
             kwargs.update(safety_checker=None, requires_safety_checker=False)
         pipe = DiffusionPipeline.from_pretrained(name, **kwargs)
     if not hasattr(pipe, "unet") or not hasattr(pipe, "text_encoder"):
-        raise RuntimeError(f"{name}: a Stable Diffusion (1.x/2.x) or SDXL pipeline is needed, got {type(pipe).__name__}")
+        raise RuntimeError(f"{name}: a Stable Diffusion (1.x/2.x) or SDXL pipeline is needed, "
+                           f"got {type(pipe).__name__}")
     return pipe
 
 
@@ -281,7 +282,8 @@ def build_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.op
                     "lion8bit": "Lion"}.get(low)
         if fallback is None:
             raise ValueError(f"train.optimizer_type {kind!r} needs bitsandbytes and a CUDA device")
-        why = "bitsandbytes is not installed" if device.type == "cuda" else f"8-bit optimizers need CUDA (device {device.type})"
+        why = ("bitsandbytes is not installed" if device.type == "cuda"
+               else f"8-bit optimizers need CUDA (device {device.type})")
         warnings.warn(f"optimizer_type {kind}: {why}; using 32-bit {fallback} instead", stacklevel=2)
         low, kind = fallback.lower(), fallback
     if low == "adamw":
