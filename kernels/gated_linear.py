@@ -579,11 +579,13 @@ def gated_spm_linear_triton(
 
     Example::
 
-        >>> x = torch.randn(154, 768, device="cuda", dtype=torch.float16)  # doctest: +SKIP
-        >>> W = torch.randn(320, 768, device="cuda", dtype=torch.float16)  # doctest: +SKIP
-        >>> D, U = torch.randn(4, 768, ...), torch.randn(320, 4, ...)  # K = 4 rank-1 SPMs  # doctest: +SKIP
-        >>> y = gated_spm_linear_triton(x, W, None, D, U, torch.ones(4, device="cuda"),
-        ...                             torch.rand(2, 4, device="cuda"), rows_per_sample=77)  # doctest: +SKIP
+        >>> f16 = dict(device="cuda", dtype=torch.float16)  # doctest: +SKIP
+        >>> x, W = torch.randn(154, 768, **f16), torch.randn(320, 768, **f16)  # 2 x 77 text tokens
+        >>> D, U = torch.randn(4, 768, **f16), torch.randn(320, 4, **f16)  # K = 4 rank-1 SPMs
+        >>> gates = torch.rand(2, 4, device="cuda")  # one gate vector per sample
+        >>> y = gated_spm_linear_triton(x, W, None, D, U, torch.ones(4, device="cuda"), gates, 77)
+        >>> y.shape
+        torch.Size([154, 320])
     """
     y, _ = _forward_2d(x, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank, groups,
                        pattern, store_c=False)
