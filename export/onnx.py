@@ -48,7 +48,6 @@ import json
 import os
 import tempfile
 import types
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +56,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from spm_rt import gating
-from spm_rt.formats import SPM, SPMFormatError, adapted_modules, load_spm, module_shape, resolve
+from spm_rt.compile import load_spms
+from spm_rt.formats import SPM, SPMFormatError, adapted_modules, module_shape, resolve
 from spm_rt.kernels.reference import COMBINES, merged_weight_ref
 from spm_rt.stack import Stack, stack_module
 from spm_rt.transport import METRICS, encode_prompts, token_sets
@@ -96,23 +96,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
 # ---------------------------------------------------------------------------------------------
 # SPM tensors in the stacked layout, padded to (k_max, rank)
 
-def _load_spms(spms, concepts=None) -> list[SPM]:
-    if isinstance(spms, (str, os.PathLike, SPM)):
-        spms = [spms]
-    spms = list(spms)
-    if concepts is not None and len(concepts) != len(spms):
-        raise ValueError(f"concepts names {len(concepts)} SPMs, {len(spms)} given")
-    out = []
-    for i, s in enumerate(spms):
-        names = None if concepts is None else concepts[i]
-        names = [names] if isinstance(names, str) else names
-        if isinstance(s, SPM):
-            out.append(replace(s, concepts=list(names)) if names is not None else s)
-        else:
-            out.append(load_spm(s, concepts=names))
-    return out
-
-
 def _padded_stacks(modules: dict[str, nn.Module], spms: list[SPM], k_max: int, rank: int) -> dict[str, Stack]:
     """spm_rt.stack's layout for ``spms`` with K padded to ``k_max`` and r to ``rank`` (zero rows,
     zero scale): the same code path the runtime stacks with, one layout for every consumer."""
@@ -149,7 +132,7 @@ def spm_initializers(manifest: dict, spms, *, concepts=None) -> dict[str, np.nda
     if manifest.get("gates_mode") != "input":
         raise ValueError(f"only graphs exported with gates='input' carry swappable SPM tensors "
                          f"(this one: gates={manifest.get('gates_mode')!r}); re-export instead")
-    spms = _load_spms(spms, concepts)
+    spms = load_spms(spms, concepts)
     dtype = _DTYPES[manifest["dtype"]]
     modules = _shape_only_modules(manifest["spm_modules"], dtype)
     stacks = _padded_stacks(modules, spms, manifest["k_max"], manifest["rank"])
@@ -904,7 +887,7 @@ def set_onnx_spms(onnx_dir: str | os.PathLike, spms, *, concepts=None, fixed_gat
     """
     root = Path(onnx_dir)
     manifest = read_manifest(root)
-    spms = _load_spms(spms, concepts)
+    spms = load_spms(spms, concepts)
     arrays = spm_initializers(manifest, spms)  # validates mode, k_max, rank and modules first
     transport = manifest["transport"]
     new_concepts = [list(s.concepts or []) for s in spms]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -49,7 +49,9 @@ class SPMConfig:
             raise ValueError("merge_cache_size must be >= 1")
 
 
-def _load_all(spms, concepts) -> list[SPM]:
+def load_spms(spms, concepts=None) -> list[SPM]:
+    """Load each of ``spms`` (paths or SPMs; one path or SPM alone is fine); ``concepts`` names each
+    SPM's concepts (a name or a list per SPM) where given, overriding file metadata."""
     if isinstance(spms, (str, os.PathLike, SPM)):
         spms = [spms]
     spms = list(spms)
@@ -147,7 +149,7 @@ class SPMPipeline:
             >>> rt.set_spms(["snoopy.safetensors", "mickey.safetensors"])  # doctest: +SKIP
         """
         self._check_live()
-        self._install(_load_all(spms, concepts))
+        self._install(load_spms(spms, concepts))
         return self
 
     def remove(self):
@@ -259,6 +261,6 @@ def compile(pipe, spms, *, combine: str = "linear", transport: str = "clipcos_to
     cfg = replace(cfg, combine=combine, transport=transport, strategy=strategy, backend=backend, **config_kwargs) \
         if config is None else cfg
     cfg.validate()
-    rt = SPMPipeline(pipe, _load_all(spms, concepts), cfg)
+    rt = SPMPipeline(pipe, load_spms(spms, concepts), cfg)
     pipe._spm_rt = rt
     return rt
