@@ -50,6 +50,7 @@ SHAPES = [
 KS = (1, 4, 16, 64)
 SAMPLES = 2  # CFG batch: rows_per_sample = M // 2
 PROVIDERS = ("bare", "torch_unfused", "torch_concat", "triton")
+TRAIN_CASES = (((8192, 320, 320), 16), ((2048, 640, 640), 16), ((154, 768, 640), 4))  # ((M, in, out), K)
 DTYPE = torch.float16
 DEVICE = "cuda"
 
@@ -269,7 +270,7 @@ def training_timings() -> list[dict]:
     from spm_rt.kernels.gated_linear import GatedSPMLinearFunction
 
     rows = []
-    for shape, k in (((8192, 320, 320), 16), ((2048, 640, 640), 16), ((154, 768, 640), 4)):
+    for shape, k in TRAIN_CASES:
         x, w, b, d, u, s, g, rps = _inputs(*shape, k, seed=6)
         x, d, u = (t.requires_grad_() for t in (x, d, u))
         dy = torch.randn(shape[0], shape[2], device=DEVICE, dtype=DTYPE)
