@@ -28,11 +28,24 @@ def add_subcommands(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (summary.json, per-group records and grids)")
     p.set_defaults(func=_eval)
 
+    t = sub.add_parser("train-spms", help="train the shipped shapes-world SPMs from spm_rt/world/configs")
+    t.add_argument("--concept", action="append", default=None, help="concept (repeatable; default: circle, red)")
+    t.add_argument("--out", required=True, help="output folder for <concept>.safetensors")
+    t.set_defaults(func=_train_spms)
+
     d = sub.add_parser("demo", help="before/after grid on the shipped model and SPMs, with summary figures")
     d.add_argument("--out", default="spm_demo.png")
     d.add_argument("--n", type=int, default=4, help="samples per prompt for the quick summary figures")
     d.add_argument("--steps", type=int, default=20)
     d.set_defaults(func=_demo)
+
+
+def _train_spms(args: argparse.Namespace) -> int:
+    from spm_rt.world.spms import SHIPPED_CONCEPTS, build_spm
+
+    for concept in args.concept or SHIPPED_CONCEPTS:
+        print(f"wrote {build_spm(concept, args.out)}")
+    return 0
 
 
 def _groups(files: list, combined: bool) -> dict:
