@@ -394,6 +394,7 @@ def plot_ratios(results: list[Result], path: Path) -> Path | None:
         else:
             ax.set_title(f"{arch}: {scenario} cost per prompt", fontsize=9)
             ax.set_ylabel("cost in base UNet steps (same run)")
+            ax.set_ylim(bottom=0, top=max(1.2 * max((r.ratio_spread or (0, r.ratio))[1] for r in rs), 0.1))
         if prompts == 4 and scenario in ("step", "generation"):
             ax.axhline(TARGET_GATED_4, color="tab:green", lw=0.8, ls=":", label=f"gated target {TARGET_GATED_4} (K=16)")
         if scenario == "generation" and prompts == 1:
