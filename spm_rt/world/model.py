@@ -30,8 +30,10 @@ class ShapesModelConfig:
     """Sizes of the shapes-world model. The defaults are the shipped model's.
 
     Chosen from the prototype (UNet widths (32, 64), one cross-attention level, 2x64 text encoder:
-    shape right ~90%, colour ~80%), with cross-attention at both levels and wider blocks for fidelity,
-    kept small enough to train in ~40 minutes on 2 CPU cores.
+    shape right ~90%, colour ~80%), with cross-attention at both levels (and the mid block) and
+    wider blocks: 2.38 M UNet parameters, 3.27 M text encoder (3.16 M of them the token embedding),
+    0.17 M VAE. One training step at batch 32 took 0.55 s on two idle CPU cores. The shipped model
+    draws the right shape 99% and the right colour 100% of the time (``assets/shapes/fidelity.json``).
     """
 
     image_size: int = 32
