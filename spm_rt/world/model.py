@@ -155,9 +155,18 @@ def save_pipeline(pipe, out_dir, dtype=torch.float16) -> None:
     The pipeline is cast to ``dtype`` for saving and back to its own dtype afterwards, so loading
     with ``from_pretrained(out_dir, torch_dtype=torch.float32)`` gives an fp32 copy.
     """
+    from pathlib import Path
+
+    from spm_rt.tokenizer import write_clip_tokenizer_files
+
     own = pipe.unet.dtype
     pipe.to(dtype=dtype)
     try:
         pipe.save_pretrained(out_dir, safe_serialization=True)
     finally:
         pipe.to(dtype=own)
+    tok_dir = Path(out_dir) / "tokenizer"
+    if not (tok_dir / "vocab.json").exists():
+        # transformers 5 saves only tokenizer.json; the slow CLIPTokenizer of transformers 4.x (which
+        # pyproject still allows) loads from vocab.json + merges.txt, so write those too (~2 MB).
+        write_clip_tokenizer_files(tok_dir)
