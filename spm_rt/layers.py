@@ -117,8 +117,12 @@ class SPMLayer(nn.Module):
     def _base_forward(self, x, weight):  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def _gated_forward(self, x, gates, backend):  # pragma: no cover - overridden
-        raise NotImplementedError
+    _gated_op = None  # the functional op of the subclass (gated_linear / gated_conv1x1)
+
+    def _gated_forward(self, x, gates, backend):
+        s = self.stack
+        return self._gated_op(x, self.base.weight, self.base.bias, s.down, s.up, s.scale, gates,
+                              self.config.combine, s.rank, backend)
 
     def extra_repr(self) -> str:
         s = self.stack
@@ -131,10 +135,7 @@ class SPMLinear(SPMLayer):
     def _base_forward(self, x, weight):
         return F.linear(x, weight, self.base.bias)
 
-    def _gated_forward(self, x, gates, backend):
-        s = self.stack
-        return gated_linear(x, self.base.weight, self.base.bias, s.down, s.up, s.scale, gates,
-                            self.config.combine, s.rank, backend)
+    _gated_op = staticmethod(gated_linear)
 
 
 class SPMConv1x1(SPMLayer):
@@ -143,10 +144,7 @@ class SPMConv1x1(SPMLayer):
     def _base_forward(self, x, weight):
         return F.conv2d(x, weight, self.base.bias)
 
-    def _gated_forward(self, x, gates, backend):
-        s = self.stack
-        return gated_conv1x1(x, self.base.weight, self.base.bias, s.down, s.up, s.scale, gates,
-                             self.config.combine, s.rank, backend)
+    _gated_op = staticmethod(gated_conv1x1)
 
 
 def wrap(module: nn.Module, stack: Stack, config: LayerConfig) -> SPMLayer:

@@ -72,6 +72,11 @@ class Transport:
     def __init__(self, pipe, concepts: list[list[str]], metric: str = "clipcos_tokenuni"):
         if metric not in METRICS:
             raise ValueError(f"transport metric must be one of {METRICS}, got {metric!r}")
+        flat = self._set_concepts(pipe, concepts, metric)
+        self._concept_emb = self._normalized(encode_prompts(pipe, flat)) if metric != "tokenuni" else None
+
+    def _set_concepts(self, pipe, concepts: list[list[str]], metric: str) -> list[str]:
+        """Shared set-up: concept lists, owner SPM of each concept, token sets; returns the flat list."""
         for k, names in enumerate(concepts):
             if not names:
                 raise ValueError(f"SPM {k} has no concept names: pass concepts=... (or transport='fixed' with gates)")
@@ -81,8 +86,8 @@ class Transport:
         flat = [c for names in self.concepts for c in names]
         self.owner = torch.tensor([k for k, names in enumerate(self.concepts) for _ in names])  # [C]
         self.num_spms = len(self.concepts)
-        self._concept_emb = self._normalized(encode_prompts(pipe, flat)) if metric != "tokenuni" else None
         self._concept_tokens = token_sets(pipe.tokenizer, flat)
+        return flat
 
     @staticmethod
     def _normalized(emb: torch.Tensor) -> torch.Tensor:
@@ -137,16 +142,7 @@ class CalibratedTransport(Transport):
     """
 
     def __init__(self, pipe, concepts: list[list[str]], calibration: dict | None = None):
-        for k, names in enumerate(concepts):
-            if not names:
-                raise ValueError(f"SPM {k} has no concept names: pass concepts=... (or transport='fixed' with gates)")
-        self.pipe = pipe
-        self.metric = "calibrated"
-        self.concepts = [list(c) for c in concepts]
-        flat = [c for names in self.concepts for c in names]
-        self.owner = torch.tensor([k for k, names in enumerate(self.concepts) for _ in names])
-        self.num_spms = len(self.concepts)
-        self._concept_tokens = token_sets(pipe.tokenizer, flat)
+        flat = self._set_concepts(pipe, concepts, "calibrated")
         self._concept_eot = torch.nn.functional.normalize(encode_eot(pipe, flat).double(), dim=1)
         calibration = calibration or {}
         lo, hi, self.calibration = [], [], {}
