@@ -263,6 +263,41 @@ def timings(shapes=SHAPES, ks=KS) -> list[dict]:
     return rows
 
 
+# (M, in, out per projection, G): attn1 q/k/v at 64x64 latents and attn2 k/v over 2 x 77 tokens
+GROUP_CASES = (((8192, 320, 320), 3), ((154, 768, 320), 2))
+
+
+def grouped_timings(k: int = 16) -> list[dict]:
+    """Projections sharing x: one grouped launch (what the runtime runs for attn1 q/k/v and attn2
+    k/v) against one launch per projection, and against the bare GEMMs (separate, and concatenated
+    as a fused-qkv base model would run them)."""
+    from triton.testing import do_bench
+
+    from spm_rt.kernels.gated_linear import gated_spm_linear_triton
+
+    rows = []
+    for (m, in_f, out), g in GROUP_CASES:
+        x, w, b, d, u, s, gates, rps = _inputs(m, in_f, out, k, groups=g, seed=7)
+        kr = d.shape[0] // g
+        parts = [(w[i * out:(i + 1) * out], b[i * out:(i + 1) * out], d[i * kr:(i + 1) * kr],
+                  u[i * out:(i + 1) * out]) for i in range(g)]
+        fns = {
+            "bare_concat": lambda: F.linear(x, w, b),
+            "bare_separate": lambda: [F.linear(x, wi, bi) for wi, bi, _, _ in parts],
+            "triton_grouped": lambda: gated_spm_linear_triton(x, w, b, d, u, s, gates, rps, groups=g),
+            "triton_separate": lambda: [gated_spm_linear_triton(x, wi, bi, di, ui, s, gates, rps)
+                                        for wi, bi, di, ui in parts],
+        }
+        row = {"m": m, "in": in_f, "out": out, "groups": g, "k": k}
+        for name, fn in fns.items():
+            fn()
+            torch.cuda.synchronize()
+            p20, p50, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.2, 0.5, 0.8])
+            row[name] = {"median_ms": p50, "p20_ms": p20, "p80_ms": p80}
+        rows.append(row)
+    return rows
+
+
 def training_timings() -> list[dict]:
     """Forward + backward (grads for x, D, U): fused Function vs torch autograd of the stacked path."""
     from triton.testing import do_bench
@@ -294,7 +329,7 @@ def training_timings() -> list[dict]:
     return rows
 
 
-def _table(rows, training):
+def _table(rows, training, grouped=()):
     lines = ["forward, fp16, median us (x bare GEMM); rel err vs float64 in the last column",
              f"{'M x in -> out':>20s} {'K':>3s} {'bare':>8s} {'triton':>15s} {'concat':>15s} {'unfused':>15s} "
              f"{'fused/split':>17s} {'err':>8s}"]
@@ -313,6 +348,13 @@ def _table(rows, training):
             lines.append(f"{r['m']:>8d} x {r['in']:>4d} -> {r['out']:>4d} {r['k']:>3d} bare {bare * 1e3:7.1f}  "
                          f"torch_concat {concat * 1e3:7.1f} ({concat / bare:.2f})  "
                          f"triton {fused * 1e3:7.1f} ({fused / bare:.2f})")
+    if grouped:
+        lines.append("shared-input projections, fp16, median us (x bare concatenated GEMM)")
+        for r in grouped:
+            bare = r["bare_concat"]["median_ms"]
+            cells = "  ".join(f"{n} {r[n]['median_ms'] * 1e3:7.1f} ({r[n]['median_ms'] / bare:.2f})"
+                              for n in ("bare_concat", "bare_separate", "triton_grouped", "triton_separate"))
+            lines.append(f"{r['m']:>8d} x {r['in']:>4d} -> {r['groups']}x{r['out']:<4d} K{r['k']:<3d} {cells}")
     return "\n".join(lines)
 
 
@@ -347,6 +389,7 @@ def main(argv=None) -> int:
     shapes, ks = ((SHAPES[0], SHAPES[4]), (1, 16)) if args.quick else (SHAPES, KS)
     result["forward"] = timings(shapes, ks)
     result["training"] = training_timings()
+    result["grouped"] = grouped_timings()
     result["targets"] = _targets(result["forward"])
     result["ok"] = all(c["ok"] for c in checks)
     with open(path, "w") as f:
@@ -354,7 +397,7 @@ def main(argv=None) -> int:
     print(f"wrote {path}")
     print(f"correctness: {sum(c['ok'] for c in checks)}/{len(checks)} checks passed")
     print(json.dumps(result["targets"]))
-    print(_table(result["forward"], result["training"]))
+    print(_table(result["forward"], result["training"], result["grouped"]))
     return 0 if result["ok"] else 1
 
 

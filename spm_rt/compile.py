@@ -29,6 +29,8 @@ class SPMConfig:
                "merged" or "gated".
     backend:   "auto" (triton on CUDA when installed, torch otherwise), "torch" or "triton".
     merge_cache_size: merged weight copies kept per layer (one per distinct gate vector).
+    reuse_cross_kv: keep cross-attention to_k/to_v outputs for a whole generation (they depend only
+               on the text embeddings and the gates) instead of recomputing them at every step.
     fixed_gates: default gates [K] for transport="fixed" (ones when None).
     """
 
@@ -37,6 +39,7 @@ class SPMConfig:
     strategy: str = "auto"
     backend: str = "auto"
     merge_cache_size: int = 2
+    reuse_cross_kv: bool = True
     fixed_gates: list[float] | None = None
     calibration: dict | None = None  # transport="calibrated": concept -> (positives, negatives)
 
@@ -107,7 +110,8 @@ class SPMPipeline:
     def __init__(self, pipe, spms: list[SPM], config: SPMConfig):
         self.pipe = pipe
         self.config = config
-        self.layer_config = LayerConfig(config.combine, config.strategy, config.backend, config.merge_cache_size)
+        self.layer_config = LayerConfig(config.combine, config.strategy, config.backend, config.merge_cache_size,
+                                        config.reuse_cross_kv)
         self.layers: dict[str, SPMLayer] = {}
         self.spms: list[SPM] = []
         self.transport: Transport | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +41,27 @@ class GateState:
     row_gates: torch.Tensor | None = None  # [N, K]
     traced: bool = False  # inside a graph capture (ONNX export, torch.compile): never read gate values
     _cache: dict = field(default_factory=dict, repr=False)
+    # Outputs of adapted layers kept for reuse within this call (spm_rt.layers.SharedInput):
+    # id(layer) -> (weakref to the input, input version, output, output version).
+    _reuse: dict = field(default_factory=dict, repr=False)
+
+    def put_output(self, layer, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Remember that ``layer(x)`` is ``out`` for the rest of this call."""
+        self._reuse[id(layer)] = (weakref.ref(x), x._version, out, out._version)
+
+    def take_output(self, layer, x: torch.Tensor, *, keep: bool) -> torch.Tensor | None:
+        """``layer(x)`` if it was remembered for this very tensor, unmodified since (same object,
+        same in-place version counters of input and output); dropped after use unless ``keep``."""
+        entry = self._reuse.get(id(layer))
+        if entry is None:
+            return None
+        ref, x_version, out, out_version = entry
+        if ref() is not x or x._version != x_version or out._version != out_version:
+            del self._reuse[id(layer)]
+            return None
+        if not keep:
+            del self._reuse[id(layer)]
+        return out
 
     def rows(self, n_rows: int, device: torch.device) -> RowGates:
         if self.traced:

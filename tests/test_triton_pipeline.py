@@ -17,6 +17,13 @@ SCRIPT = textwrap.dedent('''
     os.environ["TRITON_INTERPRET"] = "1"
     import torch, spm_rt
     from spm_rt import use_gates
+    from spm_rt.kernels import gated_linear as kernels
+    launches = []  # groups= of every kernel launch
+    _launch = kernels.gated_spm_linear_triton
+    def counted(*args, groups=1, **kwargs):
+        launches.append(groups)
+        return _launch(*args, groups=groups, **kwargs)
+    kernels.gated_spm_linear_triton = counted
     from spm_rt.testing import tiny_pipeline, random_spm
     torch.set_num_threads(1)
     pipe = tiny_pipeline(0, sample_size=8)
@@ -29,8 +36,16 @@ SCRIPT = textwrap.dedent('''
         out = {}
         for backend in ("torch", "triton"):
             rt = spm_rt.compile(pipe, spms, backend=backend, transport="fixed", combine=combine)
+            n_blocks = sum(1 for p in rt.layers if p.endswith(".attn1.to_q"))
+            launches.clear()
             with torch.no_grad(), use_gates(gates):
                 out[backend] = pipe.unet(sample, 500, emb).sample
+                if backend == "triton":
+                    # attn1 q/k/v and attn2 k/v each in one grouped launch
+                    assert launches.count(3) == n_blocks and launches.count(2) == n_blocks, launches
+                    again = pipe.unet(sample, 400, emb).sample  # a second step of the same call
+                    assert launches.count(2) == n_blocks, launches  # attn2 k/v kept, not relaunched
+                    assert launches.count(3) == 2 * n_blocks, launches
             rt.remove()
         with torch.no_grad():
             base = pipe.unet(sample, 500, emb).sample
