@@ -1,7 +1,6 @@
 """End to end on the shipped shapes-world model: the shipped SPMs erase their concepts and the
 calibrated transport spares the other prompts. A short eval (few samples) of what
-``spm-rt eval`` measures at full size; the thresholds are the issue's targets where the full eval
-meets them, and otherwise the figures the full eval measured with a margin (see README and the constants below)."""
+``spm-rt eval`` measures at full size, held to the issue's targets (constants below)."""
 import json
 import subprocess
 import sys
@@ -13,58 +12,76 @@ from spm_rt.world.eval_commands import shipped_spms
 
 pytestmark = pytest.mark.skipif(not shipped_spms(), reason="no shipped SPMs in spm_rt/world/assets/spms")
 
-# Full eval (bench/results/shapes_eval, 8 samples x 12 prompts): base draws the target concept in
-# 100% of target-prompt images; with the SPMs 0% (red) and 37.5% (circle) still show it. The issue's
-# target is <= 10%: met for red, missed for circle. This short run (3 target prompts, two of them
-# circles) measured 0.44-0.56 still recognized; it asserts that erasure removes at least 30% of
-# the base model's recognitions, a bar far below the issue's target (see README).
-TARGET_BASE_MIN = 0.9
-ERASED_MAX = 0.7
+# The issue's targets, asserted on a short run of each shipped SPM alone (4 samples per prompt:
+# the first 4 of the full eval's 8, same seeds). The full eval (bench/results/shapes_eval, README)
+# measured 0% (red) and 6.2% (circle) of target images still recognized, non-target accuracy
+# unchanged and images bit-identical with calibrated gates. Two SPMs at once in the linear combine
+# miss the erasure target (12.5%); that is reported in the README, not asserted here.
+# This short run measured circle 1 of 16 target images still round (6.2%), red 0 of 12.
+TARGET_BASE_MIN = 0.9  # base fidelity target
+ERASED_MAX = 0.10  # erasure target: share of target images still showing the concept
+ACCURACY_DELTA_MAX = 0.03  # preservation target: non-target accuracy within 3 points
+PSNR_MIN = 25.0  # preservation target: median non-target PSNR against base, dB
 
-PROMPTS = ["a red circle", "a red square", "a blue circle", "a green triangle", "a yellow square", "a blue triangle"]
+NON_TARGETS = {"circle": ["a red square", "a green triangle"], "red": ["a blue square", "a yellow triangle"]}
+
+
+def _prompts(concept):
+    from spm_rt.world.data import COLOURS, SHAPES, caption
+
+    targets = [caption(s, c) for s in SHAPES for c in COLOURS if concept in (s, c)]
+    return targets + NON_TARGETS[concept]
 
 
 @pytest.fixture(scope="module")
-def summary(tmp_path_factory):
+def summaries(tmp_path_factory):
     from spm_rt.formats import load_spm
     from spm_rt.world import load_shapes_pipeline
     from spm_rt.world.evaluate import EvalSettings, run_eval
 
     torch.manual_seed(0)
     pipe = load_shapes_pipeline()
-    spms = [load_spm(f) for f in shipped_spms()]
-    out = tmp_path_factory.mktemp("erasure")
-    summary = run_eval(pipe, {"all-linear": (spms, "linear")}, out, PROMPTS, EvalSettings(n=6, steps=20), progress=False)
-    summary["records"] = json.loads((out / "all-linear" / "records.json").read_text())
-    summary["concepts"] = [s.concepts for s in spms]
-    return summary
+    out = {}
+    for f in shipped_spms():
+        spm = load_spm(f)
+        (concept,) = spm.concepts
+        d = tmp_path_factory.mktemp(concept)
+        summary = run_eval(pipe, {concept: ([spm], "linear")}, d, _prompts(concept), EvalSettings(n=4, steps=20),
+                           progress=False)
+        out[concept] = summary["groups"][concept]
+        out[concept]["records"] = json.loads((d / concept / "records.json").read_text())
+    return out
 
 
-def test_shipped_spms_erase_their_concepts(summary):
-    fig = summary["groups"]["all-linear"]
-    assert fig["num_target_prompts"] == 3 and fig["num_prompts"] == len(PROMPTS)
-    ref = fig["by_transport"]["reference"]
-    assert ref["target_still_recognized_base"] >= TARGET_BASE_MIN  # the base model draws the concepts
-    assert ref["target_still_recognized"] <= ERASED_MAX  # ... and with the SPMs it mostly does not
+def test_both_concepts_shipped(summaries):
+    assert set(summaries) == {"circle", "red"}
 
 
-def test_calibrated_transport_spares_non_targets(summary):
-    fig = summary["groups"]["all-linear"]["by_transport"]
+@pytest.mark.parametrize("concept", ["circle", "red"])
+def test_shipped_spm_erases_its_concept(summaries, concept):
+    fig = summaries[concept]
+    assert fig["num_target_prompts"] == len(_prompts(concept)) - 2
+    for transport in ("reference", "calibrated"):
+        t = fig["by_transport"][transport]
+        assert t["target_still_recognized_base"] >= TARGET_BASE_MIN  # the base model draws the concept
+        assert t["target_still_recognized"] <= ERASED_MAX, (transport, t["target_still_recognized"])
+
+
+@pytest.mark.parametrize("concept", ["circle", "red"])
+def test_calibrated_transport_spares_non_targets(summaries, concept):
+    fig = summaries[concept]["by_transport"]
     cal, gates1 = fig["calibrated"], fig["gates1"]
     assert cal["gates_nontarget"]["max"] <= 0.01
-    for rec in summary["records"]:  # each SPM whose concept the prompt names is fully open
-        for k, names in enumerate(summary["concepts"]):
-            if any(c in rec["prompt"].split() for c in names):
-                assert rec["by_transport"]["calibrated"]["gates"][k] >= 0.99, rec["prompt"]
-    assert cal["nontarget_psnr_median"] >= 25.0  # the issue's preservation target
-    assert abs(cal["nontarget_accuracy_delta"]) <= 0.03
-    assert cal["target_still_recognized"] <= ERASED_MAX  # calibrated gates still erase the targets
+    assert cal["gates_target"]["min"] >= 0.99  # the prompt names the concept: fully open
+    assert cal["nontarget_psnr_median"] >= PSNR_MIN
+    assert abs(cal["nontarget_accuracy_delta"]) <= ACCURACY_DELTA_MAX
     assert gates1["nontarget_psnr_median"] < cal["nontarget_psnr_median"]  # what transport buys
 
 
-def test_reference_transport_gates_are_high_on_non_targets(summary):
+@pytest.mark.parametrize("concept", ["circle", "red"])
+def test_reference_transport_gates_are_high_on_non_targets(summaries, concept):
     """The documented weakness of whole-sequence clipcos on a small encoder (semantics section 3)."""
-    ref = summary["groups"]["all-linear"]["by_transport"]["reference"]
+    ref = summaries[concept]["by_transport"]["reference"]
     assert ref["gates_nontarget"]["min"] > 0.5
 
 

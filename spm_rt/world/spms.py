@@ -31,6 +31,6 @@ def build_spm(concept: str, out_dir: str | Path, *, progress: bool = True, pipe=
     cfg.save.path = str(out_dir / "_runs")
     trained = train(cfg, pipe=pipe, progress=progress)
     spm = load_spm(trained, concepts=[concept])
-    spm.metadata["spm_rt.training_prompt"] = cfg.prompts[0].target
+    spm.metadata["spm_rt.training_prompts"] = json.dumps(cfg.concepts)  # every target it was trained on
     spm.metadata[CALIBRATION_KEY] = json.dumps({concept: list(calibration_sets(concept))})
     return save_spm(spm, out_dir / f"{concept}.safetensors")

@@ -33,9 +33,9 @@ from spm_rt.world.model import SCHEDULER_CONFIG, ShapesModelConfig, build_shapes
 class BaseTrainConfig:
     """The training recipe. Defaults are the shipped model's.
 
-    Cost: ~0.55 s per UNet step at batch 32 on two idle CPU cores, so ~30 minutes in all. The
-    shipped run took 90 minutes of wall time because it shared the two cores with 3-6 other
-    processes (see ``training_log.json``).
+    Cost: ~0.59 s per UNet step at batch 32 on two idle CPU cores: a rebuild took 30.3 minutes
+    and was bit-identical to the shipped weights (bench/results/shapes_world_rebuild). The shipped
+    run took 90 minutes of wall time because it shared the two cores with 3-6 other processes.
     """
 
     seed: int = 0
