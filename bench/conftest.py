@@ -17,6 +17,7 @@ Environment knobs (all optional; every value used is stored in each result's ``e
     SPM_RT_BENCH_SD15_LATENT=16 SD1.5 latent side (image side = 8x)
     SPM_RT_BENCH_SD15_STEPS=2   SD1.5 steps of the "short generation"
     SPM_RT_BENCH_SD15_ALL=1     every SD1.5 case (the default SD1.5 matrix is cut to fit 15 min)
+    SPM_RT_BENCH_MALLOC=fixed|default  glibc malloc thresholds (see _fix_malloc; default "fixed")
 """
 from __future__ import annotations
 
@@ -50,6 +51,34 @@ def pytest_collect_file(file_path: Path, parent):
     if parent.session.isinitpath(file_path) or path_matches_patterns(file_path, parent.config.getini("python_files")):
         return None
     return pytest.Module.from_parent(parent, path=file_path)
+
+
+def _fix_malloc() -> str:
+    """Pin glibc's mmap and trim thresholds for the whole run; returns what was done.
+
+    Measured on this machine (SD1.5 architecture, 2-step generation at 128 px, one thread): with
+    glibc's default *dynamic* threshold the same base pipeline ran in 4.6 s in a fresh process and
+    3.2 s once some large tensors had been freed (freeing a big mmap'd block raises the threshold,
+    after which activations and conv workspaces are served from the heap instead of fresh, page-
+    faulted mmaps). Any method that frees large tensors (merged weights evicted, adapters unloaded)
+    thus changed the speed of whatever ran next, by up to 40%. Fixed thresholds (256 MiB mmap,
+    1 GiB trim) gave 3.3-3.7 s in every state, so ratios compare the methods, not malloc's history.
+    """
+    if os.environ.get("SPM_RT_BENCH_MALLOC", "fixed") != "fixed" or not sys.platform.startswith("linux"):
+        return "default"
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+        ok = libc.mallopt(m_mmap_threshold, 256 << 20) == 1 and libc.mallopt(m_trim_threshold, 1 << 30) == 1
+    except (OSError, AttributeError):  # not glibc
+        return "default"
+    return "fixed: mmap threshold 256 MiB, trim threshold 1 GiB" if ok else "default"
+
+
+MALLOC = _fix_malloc()
 
 
 def pytest_configure(config):
@@ -271,7 +300,7 @@ def versions() -> dict:
 
 def hardware() -> dict:
     hw = {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-          "device": DEVICE}
+          "device": DEVICE, "malloc": MALLOC}
     try:
         hw["loadavg_1min"] = round(os.getloadavg()[0], 2)  # other work on the machine, now
     except OSError:
