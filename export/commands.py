@@ -3,59 +3,51 @@ print/save. Heavy imports happen inside the handlers."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 
-def _concepts(values: list[str] | None, n_spms: int) -> list[list[str]] | None:
-    """``--concepts`` once per SPM, names separated by commas (a JSON list keeps commas in names)."""
-    if not values:
+def _floats(text: str | None, flag: str) -> list[float] | None:
+    from spm_rt.cli_common import CLIError
+
+    if text is None:
         return None
-    if len(values) != n_spms:
-        raise SystemExit(f"--concepts given {len(values)} times for {n_spms} SPMs (once per SPM, in order)")
-    out = []
-    for v in values:
-        v = v.strip()
-        out.append(json.loads(v) if v.startswith("[") else [c.strip() for c in v.split(",") if c.strip()])
-    return out
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError as exc:
+        raise CLIError(f"{flag} {text!r}: comma-separated numbers expected") from exc
 
 
-def _floats(text: str | None) -> list[float] | None:
-    return None if text is None else [float(v) for v in text.split(",")]
+def _check_onnx_dir(path: str, flag: str = "--onnx") -> None:
+    from spm_rt.cli_common import CLIError
 
-
-def _load_pipeline(model: str, dtype: str):
-    import torch
-
-    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    if model.startswith("tiny:"):  # the offline test pipelines (spm_rt.testing)
-        from spm_rt.testing import tiny_pipeline
-
-        return tiny_pipeline(0, model.split(":", 1)[1])
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    if not (Path(path) / "manifest.json").is_file():
+        raise CLIError(f"{flag} {path}: no manifest.json (not a folder written by 'spm-rt export onnx')")
 
 
 def _cmd_onnx(args) -> int:
     import torch
 
     import spm_rt
+    from spm_rt.cli_common import check_gates, load_model, load_spm_files, parse_concepts
     from spm_rt.export.onnx import export_onnx
 
-    pipe = _load_pipeline(args.model, args.load_dtype)
+    # files first (cheap), then the model: a typo costs no model load
+    spms = load_spm_files(args.spm, parse_concepts(args.concepts, len(args.spm)))
+    fixed = _floats(args.fixed_gates, "--fixed-gates")
+    folded = _floats(args.folded_gates, "--folded-gates")
+    check_gates(fixed, len(spms), "--fixed-gates")
+    check_gates(folded, len(spms), "--folded-gates")
+    load_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.load_dtype]
+    pipe = load_model(args.model, dtype=load_dtype)
+    pipe.set_progress_bar_config(disable=True)
     if args.device:
         pipe.to(args.device)
-    concepts = _concepts(args.concepts, len(args.spm))
-    rt = spm_rt.compile(pipe, args.spm, concepts=concepts, combine=args.combine, transport=args.transport,
-                        fixed_gates=_floats(args.fixed_gates))
+    rt = spm_rt.compile(pipe, spms, combine=args.combine, transport=args.transport, fixed_gates=fixed)
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
     manifest = export_onnx(rt, args.out, gates=args.gates, k_max=args.k_max, concepts_max=args.concepts_max,
-                           folded_gates=_floats(args.folded_gates), opset=args.opset, dtype=dtype,
+                           folded_gates=folded, opset=args.opset, dtype=dtype,
                            components=tuple(args.components.split(",")), external_data=external)
     for name, spec in manifest["graphs"].items():
         ins = ", ".join(f"{i['name']}{i['shape']}" for i in spec["inputs"])
@@ -69,18 +61,23 @@ def _cmd_onnx(args) -> int:
 def _cmd_check(args) -> int:
     from spm_rt.export.onnx import check_onnx
 
+    _check_onnx_dir(args.onnx)
     for f in check_onnx(args.onnx):
         print(f"ok: {f}")
     return 0
 
 
 def _cmd_run(args) -> int:
-    from spm_rt.export.ort import run_onnx_pipeline
+    """Same conventions as ``spm-rt generate --onnx``: defaults, per-prompt seeds, printed gates."""
+    from spm_rt.cli_common import apply_threads, print_gates
+    from spm_rt.commands import run_onnx
 
-    images = run_onnx_pipeline(args.onnx, args.prompt, steps=args.steps, guidance_scale=args.guidance_scale,
-                               seed=args.seed, height=args.height, width=args.width,
-                               negative_prompt=args.negative_prompt, gates=_floats(args.gates),
-                               providers=args.provider, progress=True)
+    _check_onnx_dir(args.onnx)
+    apply_threads(args)
+    images, gates, names = run_onnx(args.onnx, args.prompt, steps=args.steps, guidance=args.guidance,
+                                    seed=args.seed, gates=_floats(args.gates, "--gates"), height=args.height,
+                                    width=args.width, negative_prompt=args.negative_prompt, providers=args.provider)
+    print_gates(args.prompt, names, gates)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
@@ -91,30 +88,34 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_engine(args) -> int:
+    from spm_rt.cli_common import CLIError
     from spm_rt.export.trt import build_engines
 
     precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
     graphs = tuple(args.graphs.split(",")) if args.graphs else None
+    _check_onnx_dir(args.onnx)
     try:
         built = build_engines(args.onnx, args.out, precision=precision, refittable=args.refittable,
                               shapes=args.shapes, graphs=graphs, workspace_gb=args.workspace_gb)
-    except (ImportError, RuntimeError, ValueError) as exc:  # missing tensorrt/GPU, parse/build errors
-        print(f"spm-rt export engine: {exc}", file=sys.stderr)
-        return 1
+    except RuntimeError as exc:  # missing GPU, parse/build errors: one line like every user error
+        raise CLIError(f"export engine: {exc}") from exc
     for name, path in built.items():
         print(f"{name}: {path}")
     return 0
 
 
 def _cmd_refit(args) -> int:
+    from spm_rt.cli_common import CLIError
     from spm_rt.export.trt import refit_engines
 
+    from spm_rt.cli_common import load_spm_files, parse_concepts
+
+    load_spm_files(args.spm)  # checked before any engine is opened
     try:
-        counts = refit_engines(args.engine, args.spm, concepts=_concepts(args.concepts, len(args.spm)),
-                               onnx_dir=args.onnx, fixed_gates=_floats(args.fixed_gates))
-    except (ImportError, RuntimeError, ValueError) as exc:
-        print(f"spm-rt export refit: {exc}", file=sys.stderr)
-        return 1
+        counts = refit_engines(args.engine, args.spm, concepts=parse_concepts(args.concepts, len(args.spm)),
+                               onnx_dir=args.onnx, fixed_gates=_floats(args.fixed_gates, "--fixed-gates"))
+    except RuntimeError as exc:
+        raise CLIError(f"export refit: {exc}") from exc
     for name, n in counts.items():
         print(f"{name}: refitted {n} weights")
     return 0
@@ -122,16 +123,19 @@ def _cmd_refit(args) -> int:
 
 def add_subcommands(subparsers) -> None:
     """Register ``spm-rt export {onnx,check,run,engine,refit}``."""
+    from spm_rt.cli_common import MODEL_HELP, add_spm_argument, add_threads_argument
+    from spm_rt.commands import add_generation_defaults
+
     export = subparsers.add_parser("export", help="ONNX graphs and TensorRT engines",
                                    description="Export SPM-patched pipelines to ONNX / TensorRT and run them.")
     sub = export.add_subparsers(dest="export_command", metavar="WHAT")
     export.set_defaults(func=lambda args: (export.print_help(), 2)[1])
 
     p = sub.add_parser("onnx", help="export text encoder (with gates), UNet and VAE decoder to ONNX")
-    p.add_argument("--model", required=True, help="diffusers pipeline folder or hub id (tiny:sd15|sd2|sdxl: test models)")
-    p.add_argument("--spm", nargs="+", required=True, help="SPM .safetensors files, in gate order")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    add_spm_argument(p, required=True)
     p.add_argument("--concepts", action="append", help="concept names of one SPM (repeat once per SPM; "
-                                                       "comma-separated, or a JSON list)")
+                                                       "separated by | or , or a JSON list)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--gates", choices=("input", "folded", "none"), default="input",
                    help="input: gates [batch, k_max] are a graph input; folded: SPMs merged for fixed gates; "
@@ -163,9 +167,8 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--prompt", action="append", required=True, help="repeat for several images")
     p.add_argument("--out", required=True, help="PNG path (x.png; several prompts: x_0.png, x_1.png, ...)")
     p.add_argument("--negative-prompt")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=0)
+    add_generation_defaults(p)  # the defaults of spm-rt generate
+    add_threads_argument(p)
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--gates", help="comma-separated gates overriding the text-encoder graph's")
@@ -186,7 +189,7 @@ def add_subcommands(subparsers) -> None:
 
     p = sub.add_parser("refit", help="swap the SPM set of refittable TensorRT engines without a rebuild")
     p.add_argument("--engine", required=True, help="folder written by 'spm-rt export engine --refittable'")
-    p.add_argument("--spm", nargs="+", required=True)
+    add_spm_argument(p, required=True)
     p.add_argument("--concepts", action="append")
     p.add_argument("--onnx", help="the exported folder (for concept embeddings; default: the one built from)")
     p.add_argument("--fixed-gates")

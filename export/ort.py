@@ -126,12 +126,16 @@ class ONNXPipeline:
         cls_name = json.loads((folder / "scheduler_config.json").read_text())["_class_name"]
         return getattr(diffusers, cls_name).from_pretrained(str(folder))
 
-    def __call__(self, prompts: str | list[str], *, steps: int = 50, guidance_scale: float = 7.5, seed: int = 0,
+    def __call__(self, prompts: str | list[str], *, steps: int = 50, guidance_scale: float = 7.5,
+                 seed: int | list[int] = 0,
                  height: int | None = None, width: int | None = None, negative_prompt: str | list[str] | None = None,
                  gates=None, eta: float = 0.0, output_type: str = "pil", progress: bool = False):
         """Generate one image per prompt; returns PIL images (``output_type="pil"``) or a float
         array ``[B, H, W, 3]`` in [0, 1] (``"np"``). ``gates [K]`` or ``[B, K]`` overrides the
-        text-encoder graph's gates (columns beyond K are padded with zeros)."""
+        text-encoder graph's gates (columns beyond K are padded with zeros). ``seed``: an int
+        seeds one generator for the whole batch (diffusers' ``generator=torch.Generator()``);
+        a list of ints, one per prompt, seeds one generator per prompt (diffusers'
+        ``generator=[...]``; what ``spm-rt generate --onnx`` passes: ``seed + i``)."""
         import torch
 
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -174,9 +178,17 @@ class ONNXPipeline:
         scheduler.set_timesteps(steps)
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)
-        generator = torch.Generator("cpu").manual_seed(seed)
         shape = (b, info["unet_in_channels"], height // scale, width // scale)
-        latents = torch.randn(shape, generator=generator, dtype=torch.float32) * scheduler.init_noise_sigma
+        if isinstance(seed, int):  # one generator for the batch, as diffusers' generator=Generator
+            generator = torch.Generator("cpu").manual_seed(seed)
+            latents = torch.randn(shape, generator=generator, dtype=torch.float32)
+        else:  # one generator per prompt, as diffusers' generator=[Generator, ...] (randn_tensor)
+            seeds = list(seed)
+            if len(seeds) != b:
+                raise ValueError(f"seed: {len(seeds)} seeds for {b} prompts (one per prompt, or one int)")
+            generator = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+            latents = torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generator])
+        latents = latents * scheduler.init_noise_sigma
         accepted = set(inspect.signature(scheduler.step).parameters)
         extra = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in accepted}
 
@@ -218,7 +230,7 @@ class ONNXPipeline:
 
 
 def run_onnx_pipeline(onnx_dir: str | os.PathLike, prompts: str | list[str], *, steps: int = 50,
-                      guidance_scale: float = 7.5, seed: int = 0, height: int | None = None, width: int | None = None,
+                      guidance_scale: float = 7.5, seed: int | list[int] = 0, height: int | None = None, width: int | None = None,
                       negative_prompt: str | list[str] | None = None, gates=None, output_type: str = "pil",
                       providers: list[str] | None = None, session_options=None, progress: bool = False):
     """Generate images from an exported folder with ONNX Runtime only (text encoder with gates, UNet

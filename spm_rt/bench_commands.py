@@ -44,6 +44,12 @@ def add_subcommands(subparsers) -> None:
 
 
 def _report_command(args) -> int:
+    from spm_rt.cli_common import CLIError
+
+    try:
+        load(args.results)  # refuse a file that is not a pytest-benchmark JSON before writing anything
+    except (NotABenchmarkFile, FileNotFoundError) as exc:
+        raise CLIError(str(exc)) from exc
     out = args.out or args.results.with_suffix("")
     md, png = write_report(args.results, out, plot=not args.no_plot)
     print("wrote " + ", ".join(str(p) for p in (md, png) if p is not None))
@@ -100,9 +106,32 @@ class Result:
         return (self.get("arch"), self.get("scenario"), self.get("prompts"), self.get("method"), self.get("k"))
 
 
+class NotABenchmarkFile(ValueError):
+    """The JSON given to ``bench report`` is not a pytest-benchmark results file."""
+
+
 def load(path: str | Path) -> tuple[dict, list[Result]]:
-    data = json.loads(Path(path).read_text())
-    return data, [Result(e) for e in data.get("benchmarks", [])]
+    """Read a pytest-benchmark JSON (``--benchmark-json``); anything else raises
+    :class:`NotABenchmarkFile` instead of giving an empty report.
+
+    Example::
+
+        >>> data, results = load("bench/results/cpu_results.json")  # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise NotABenchmarkFile(f"{path}: not JSON ({exc})") from exc
+    entries = data.get("benchmarks") if isinstance(data, dict) else None
+    if (not isinstance(entries, list) or not entries or "machine_info" not in data
+            or not all(isinstance(e, dict) and "stats" in e for e in entries)):
+        raise NotABenchmarkFile(f"{path}: not a pytest-benchmark results file (expected 'machine_info' and a "
+                                f"non-empty 'benchmarks' list with 'stats', as written by "
+                                f"pytest bench/ --benchmark-json FILE)")
+    return data, [Result(e) for e in entries]
 
 
 # ---------------------------------------------------------------------------------------------

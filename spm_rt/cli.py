@@ -4,6 +4,18 @@ Subcommands register themselves: each module listed in ``_COMMAND_MODULES`` defi
 ``add_subcommands(subparsers)`` and sets ``func`` on its parsers (``parser.set_defaults(func=...)``);
 ``func(args)`` returns an exit code (or None for 0). Modules are imported only to build the
 parser; heavy imports belong inside the ``func``.
+
+One error style: a user error (a missing file, a wrong number of ``--gates``, an unknown
+``--model``: :class:`spm_rt.cli_common.CLIError`, or a library ``ValueError`` /
+``FileNotFoundError`` / ``ImportError``) is printed as one line ``spm-rt: error: ...`` and exits
+with code 2; ``spm-rt --debug COMMAND ...`` shows the traceback instead.
+
+Example::
+
+    $ spm-rt --version
+    spm-rt 0.1.0
+    $ spm-rt inspect missing.safetensors
+    spm-rt: error: missing.safetensors: no such file
 """
 from __future__ import annotations
 
@@ -22,7 +34,11 @@ _COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from spm_rt import __version__
+
     parser = argparse.ArgumentParser(prog="spm-rt", description="SPM concept erasure runtime for diffusers pipelines")
+    parser.add_argument("--version", action="version", version=f"spm-rt {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
         try:
@@ -41,7 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    code = args.func(args)
+    from spm_rt.cli_common import CLIError
+
+    try:
+        code = args.func(args)
+    except (CLIError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+            ImportError) as exc:
+        if args.debug:
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        hint = "" if isinstance(exc, CLIError) else " (spm-rt --debug ... for the traceback)"
+        print(f"spm-rt: error: {message}{hint}", file=sys.stderr)
+        return 2
     return int(code or 0)
 
 

@@ -1,16 +1,38 @@
-"""``spm-rt generate`` and ``spm-rt inspect``."""
+"""``spm-rt generate`` and ``spm-rt inspect``.
+
+Example::
+
+    $ spm-rt generate --spm spm_rt/world/assets/spms/red.safetensors --prompt "a red circle" --compare --out x.png
+    'a red circle': red=1.000
+    wrote x.png
+"""
 from __future__ import annotations
 
 import argparse
 
+from spm_rt.cli_common import MODEL_HELP, add_spm_argument, add_threads_argument
+
+# the defaults of every generating command (generate, generate --onnx, export run)
+DEFAULT_STEPS = 20
+DEFAULT_GUIDANCE = 4.0
+
+
+def add_generation_defaults(p: argparse.ArgumentParser) -> None:
+    """``--seed``, ``--steps``, ``--guidance``: the same defaults for every command that generates."""
+    p.add_argument("--seed", type=int, default=0, help="prompt i of the batch gets seed + i (default 0)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
+    p.add_argument("--guidance", "--guidance-scale", dest="guidance", type=float, default=DEFAULT_GUIDANCE,
+                   help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE:g})")
+
 
 def add_subcommands(sub) -> None:
     p = sub.add_parser("generate", help="generate images with SPMs (optionally side by side with the base model)")
-    p.add_argument("--model", default="shapes", help="shapes (default) | tiny | tiny-sdxl | a diffusers folder")
-    p.add_argument("--onnx", default=None, help="run an exported ONNX folder with ONNX Runtime instead")
-    p.add_argument("--spm", action="append", default=[], help="SPM .safetensors file (repeatable)")
+    p.add_argument("--model", default="shapes", help=MODEL_HELP + " (default shapes)")
+    p.add_argument("--onnx", default=None, help="run an exported ONNX folder with ONNX Runtime instead of --model")
+    add_spm_argument(p)
     p.add_argument("--concepts", action="append", default=None,
-                   help="concept names of each --spm whose file lacks them (repeatable, in --spm order)")
+                   help="concept names of each --spm whose file lacks them (once per --spm, in order; "
+                        "names separated by | or , or a JSON list)")
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable: one batch)")
     p.add_argument("--gates", type=float, nargs="+", default=None, help="fixed gates, one per SPM")
     p.add_argument("--combine", choices=["linear", "official"], default="linear")
@@ -18,11 +40,10 @@ def add_subcommands(sub) -> None:
                    help="clipcos_tokenuni | clipcos | tokenuni | calibrated | fixed")
     p.add_argument("--strategy", choices=["auto", "merged", "gated"], default="auto")
     p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=4.0)
+    add_generation_defaults(p)
     p.add_argument("--compare", action="store_true", help="write a grid: without / with SPMs, labelled with gates")
     p.add_argument("--out", default="out.png")
+    add_threads_argument(p)
     p.set_defaults(func=_generate)
 
     q = sub.add_parser("inspect", help="print what an SPM file holds")
@@ -30,67 +51,105 @@ def add_subcommands(sub) -> None:
     q.set_defaults(func=_inspect)
 
 
-def _generators(seed: int, n: int):
-    import torch
+def _generate_onnx(args: argparse.Namespace) -> int:
+    from pathlib import Path
 
-    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+    from spm_rt.cli_common import CLIError, apply_threads, print_gates
+    from spm_rt.images import labelled_grid
+
+    if not (Path(args.onnx) / "manifest.json").is_file():
+        raise CLIError(f"--onnx {args.onnx}: no manifest.json (not a folder written by 'spm-rt export onnx')")
+    for flag, given in (("--spm", args.spm), ("--compare", args.compare), ("--concepts", args.concepts)):
+        if given:
+            raise CLIError(f"{flag} does not apply with --onnx (the SPMs were fixed at export)")
+    apply_threads(args)
+    images, gates, names = run_onnx(args.onnx, args.prompt, steps=args.steps, guidance=args.guidance,
+                                    seed=args.seed, gates=args.gates)
+    print_gates(args.prompt, names, gates)
+    labelled_grid([list(images)], col_labels=args.prompt, cell_labels=[_gate_captions(names, gates)]).save(args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _gate_captions(names: list[str], gates) -> list[str]:
+    return ["\n".join(f"{n[:10]} {float(v):.2f}" for n, v in zip(names, g)) for g in gates]
+
+
+def run_onnx(onnx_dir: str, prompts: list[str], *, steps: int, guidance: float, seed: int, gates=None,
+             negative_prompt=None, height=None, width=None, providers=None):
+    """Generate with an exported folder under the CLI's conventions (per-prompt seeds); returns
+    ``(PIL images, gates [B, K] as printed, concept names)``."""
+    import numpy as np
+
+    from spm_rt.cli_common import check_gates, prompt_seeds
+    from spm_rt.export.ort import ONNXPipeline
+
+    runner = ONNXPipeline(onnx_dir, providers=providers)
+    names = [",".join(c or ["?"]) for c in runner.manifest.get("concepts") or []]
+    k = len(names)
+    check_gates(gates, k)
+    if gates is not None:
+        shown = np.asarray([gates] * len(prompts), np.float32)
+    else:
+        shown = np.asarray(runner.encode(prompts)["gates"])[:, :k]
+    images = runner(prompts, steps=steps, guidance_scale=guidance, seed=prompt_seeds(seed, len(prompts)),
+                    gates=gates, negative_prompt=negative_prompt, height=height, width=width, progress=True)
+    return images, shown, names
 
 
 def _generate(args: argparse.Namespace) -> int:
+    if args.onnx:
+        return _generate_onnx(args)
+
+    import torch
+
+    import spm_rt
+    from spm_rt.cli_common import (CLIError, apply_threads, check_gates, generators, load_model, load_spm_files,
+                                   parse_concepts, print_gates)
     from spm_rt.images import labelled_grid
 
     prompts = args.prompt
-    if args.onnx:
-        from spm_rt.export.ort import run_onnx_pipeline
-
-        images = run_onnx_pipeline(args.onnx, prompts, steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
-        labelled_grid([list(images)], col_labels=prompts).save(args.out)
-        print(f"wrote {args.out}")
-        return 0
-
-    import spm_rt
-    from spm_rt.models import load_pipeline
-
-    pipe = load_pipeline(args.model)
+    files = args.spm or []
+    # every file is checked (and loaded: cheap) before the model
+    spms = load_spm_files(files, parse_concepts(args.concepts, len(files)))
+    check_gates(args.gates, len(spms))
+    if args.gates is not None and not spms:
+        raise CLIError("--gates given without --spm")
+    apply_threads(args)
+    pipe = load_model(args.model)
     pipe.set_progress_bar_config(disable=False, desc="denoising", leave=False)
     kw = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="np")
-    base = pipe(prompts, generator=_generators(args.seed, len(prompts)), **kw).images if args.compare else None
-    if not args.spm:
-        images = base if base is not None else pipe(prompts, generator=_generators(args.seed, len(prompts)), **kw).images
+    base = pipe(prompts, generator=generators(args.seed, len(prompts)), **kw).images if args.compare else None
+    if not spms:
+        images = base if base is not None else pipe(prompts, generator=generators(args.seed, len(prompts)), **kw).images
         labelled_grid([list(images)], col_labels=prompts).save(args.out)
         print(f"wrote {args.out} (no SPMs given)")
         return 0
     transport = "fixed" if args.gates is not None and args.transport == "clipcos_tokenuni" else args.transport
-    concepts = None
-    if args.concepts:
-        if len(args.concepts) != len(args.spm):
-            raise SystemExit(f"--concepts given {len(args.concepts)} times for {len(args.spm)} --spm files")
-        concepts = [c.split("|") for c in args.concepts]
-    rt = spm_rt.compile(pipe, args.spm, combine=args.combine, transport=transport, strategy=args.strategy,
-                        backend=args.backend, concepts=concepts,
+    rt = spm_rt.compile(pipe, spms, combine=args.combine, transport=transport, strategy=args.strategy,
+                        backend=args.backend,
                         **({"fixed_gates": args.gates} if transport == "fixed" and args.gates else {}))
-    gates = rt.gates(prompts) if args.gates is None else None
-    shown = gates if gates is not None else __import__("torch").tensor([args.gates] * len(prompts))
-    images = rt(prompts, gates=args.gates, generator=_generators(args.seed, len(prompts)), **kw).images
+    shown = rt.gates(prompts) if args.gates is None else torch.tensor([args.gates] * len(prompts))
+    images = rt(prompts, gates=args.gates, generator=generators(args.seed, len(prompts)), **kw).images
     names = [",".join(c or ["?"]) for c in rt.concepts]
-    for p, g in zip(prompts, shown.tolist()):
-        print(f"{p!r}: " + ", ".join(f"{n}={v:.3f}" for n, v in zip(names, g)))
-    captions = [["\n".join(f"{n[:10]} {v:.2f}" for n, v in zip(names, g))] for g in shown.tolist()]
+    print_gates(prompts, names, shown.tolist())
+    captions = _gate_captions(names, shown.tolist())
     if args.compare:
         rows = [[base[i], images[i]] for i in range(len(prompts))]
-        cells = [["base"] + captions[i] for i in range(len(prompts))]
-        labelled_grid(rows, row_labels=prompts, col_labels=["without SPMs", "with SPMs"], cell_labels=cells).save(args.out)
+        cells = [["", captions[i]] for i in range(len(prompts))]
+        labelled_grid(rows, row_labels=prompts, col_labels=["without SPMs", "with SPMs"], cell_labels=cells,
+                      title=f"SPMs: {', '.join(names)}; gates under each image").save(args.out)
     else:
-        labelled_grid([list(images)], col_labels=prompts, cell_labels=[[c[0] for c in captions]]).save(args.out)
+        labelled_grid([list(images)], col_labels=prompts, cell_labels=[captions]).save(args.out)
     print(f"wrote {args.out}")
     return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from spm_rt.formats import load_spm
+    from spm_rt.cli_common import load_spm_files
 
     for f in args.files:
-        spm = load_spm(f)
+        spm = load_spm_files([f], flag="")[0]
         convs = sum(w.conv for w in spm.weights.values())
         dtype = next(iter(spm.weights.values())).down.dtype
         print(f"{f}: concepts={spm.concepts} rank={spm.rank} alpha={spm.alpha} modules={len(spm.weights)} "

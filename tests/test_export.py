@@ -72,7 +72,7 @@ def torch_unet(pipe, x, kwargs, row_gates=None):
     with torch.no_grad():
         if row_gates is None:
             return pipe.unet(x["sample"], x["timestep"], x["encoder_hidden_states"], **kwargs).sample.numpy()
-        with use_gates(row_gates, rows=True):
+        with use_gates(pipe, row_gates, rows=True):
             return pipe.unet(x["sample"], x["timestep"], x["encoder_hidden_states"], **kwargs).sample.numpy()
 
 
@@ -185,7 +185,7 @@ def test_folded_graph_equals_merged_pytorch(tmp_path):
                         transport="fixed", fixed_gates=fixed)
     manifest = export_onnx(rt, tmp_path, gates="folded", components=("unet",))
     x, kwargs = unet_inputs(pipe, 2)
-    with torch.no_grad(), use_gates(torch.tensor([fixed])):  # merged weights for one gate vector
+    with torch.no_grad(), use_gates(rt, torch.tensor([fixed])):  # merged weights for one gate vector
         expected = pipe.unet(x["sample"], x["timestep"], x["encoder_hidden_states"]).sample.numpy()
     base = torch_unet(pipe, x, kwargs)
     got = ort_unet(tmp_path, x)
@@ -442,7 +442,7 @@ def test_trt_missing_is_a_clear_error(sd15, tmp_path, capsys):
 
     if is_tensorrt_available() and torch.cuda.is_available():
         pytest.skip("tensorrt and a GPU are present")
-    assert main(["export", "engine", "--onnx", str(sd15["dir"]), "--out", str(tmp_path)]) == 1
+    assert main(["export", "engine", "--onnx", str(sd15["dir"]), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert ("tensorrt" in err and "spm_rt[trt]" in err) or "GPU" in err
 

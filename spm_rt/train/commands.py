@@ -15,14 +15,19 @@ def add_subcommands(subparsers) -> None:
 
 def _train(args) -> int:
     import sys
+    from pathlib import Path
 
+    from spm_rt.cli_common import CLIError
     from spm_rt.train.config import ConfigError, load_config
 
+    if not Path(args.config).is_file():
+        raise CLIError(f"--config {args.config}: no such file")
+    if args.resume and not Path(args.resume).exists():
+        raise CLIError(f"--resume {args.resume}: no such file")
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        print(f"spm-rt train: {exc}", file=sys.stderr)
-        return 2
+        raise CLIError(f"--config {exc}") from exc
     for note in config.notes:
         print(f"note: {note}", file=sys.stderr)
     config.notes = []  # printed once here, not again as warnings

@@ -12,10 +12,12 @@ import os
 from pathlib import Path
 
 
-def _set_threads(n: int) -> None:
+def _set_threads(n: int | None) -> None:
     import torch
 
-    torch.set_num_threads(n)
+    from spm_rt.cli_common import default_threads
+
+    torch.set_num_threads(n if n is not None else default_threads())
 
 
 def _train_base(args) -> int:
@@ -105,8 +107,15 @@ def _fidelity(args) -> int:
     return 0
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+def _common(p: argparse.ArgumentParser, train: bool = False) -> None:
+    if train:
+        # training keeps a fixed default: the thread count changes float reduction order, and the
+        # shipped weights are rebuilt bit for bit with 2 threads
+        p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2: the shipped recipe's)")
+    else:
+        from spm_rt.cli_common import add_threads_argument
+
+        add_threads_argument(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -119,7 +128,7 @@ def _add_train_base(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (0: only at the end)")
-    _common(p)
+    _common(p, train=True)
     p.set_defaults(func=_train_base)
 
 
@@ -128,7 +137,7 @@ def _add_train_classifier(sub) -> None:
     p.add_argument("--out", required=True, help="output .safetensors (a .json log is written beside it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None)
-    _common(p)
+    _common(p, train=True)
     p.set_defaults(func=_train_classifier)
 
 
