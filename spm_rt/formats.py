@@ -280,4 +280,24 @@ def save_spm(spm: SPM, path: str | os.PathLike, dtype: torch.dtype | None = None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
+    public_permissions(path)
     return path
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask would, for a moment, for every thread)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def public_permissions(path: str | os.PathLike) -> None:
+    """Give a written file the permissions of an ordinary ``open(path, "w")``: 0666 minus the
+    umask (0644 usually). ``safetensors.torch.save_file`` (0.8.0 here) leaves 0600 whatever the
+    umask, so other users (a serving process, a shared model folder) could not read the file."""
+    os.chmod(path, 0o666 & ~_umask())

@@ -143,8 +143,11 @@ def save_classifier(model: ShapesClassifier, path: str | Path) -> None:
     """Save the weights as safetensors (with the width in the metadata)."""
     from safetensors.torch import save_file
 
+    from spm_rt.formats import public_permissions
+
     width = model.features[0].out_channels
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata={"width": str(width)})
+    public_permissions(path)
 
 
 def load_classifier(path: str | Path | None = None) -> ShapesClassifier:

@@ -207,9 +207,11 @@ def _grid(records: list[dict], path: Path, title_spms: str) -> None:
         imgs = {k: torch.tensor(v)[0].permute(1, 2, 0).numpy() for k, v in r["_images"].items()}
         rows.append([imgs["base"]] + [imgs[t] for t in TRANSPORTS])
         labels.append(("* " if r["is_target"] else "") + r["prompt"])
-        cells.append(["base"] + [" ".join(f"{g:.2f}" for g in r["by_transport"][t]["gates"]) for t in TRANSPORTS])
+        cells.append([""] + [" ".join(f"{g:.2f}" for g in r["by_transport"][t]["gates"]) for t in TRANSPORTS])
     labelled_grid(rows, row_labels=labels, col_labels=["base"] + [f"{t}" for t in TRANSPORTS],
-                  cell_labels=cells, upscale=3).save(path)
+                  cell_labels=cells, upscale=3, title=f"SPMs: {title_spms}",
+                  legend=["* = target prompt (names an erased concept); numbers under an image: its gates, "
+                          "one per SPM (0 = SPM off, 1 = fully on)"]).save(path)
 
 
 def run_eval(pipe, spm_groups: dict[str, list], out_dir: str | os.PathLike, prompts: list[str] | None = None,
