@@ -31,7 +31,7 @@ from spm_rt.world.data import COLOURS, SHAPES, caption
 
 __all__ = [
     "SHAPES", "COLOURS", "SHAPE_NAMES", "COLOUR_NAMES", "CONCEPTS", "ShapesClassifier", "classify",
-    "load_classifier", "load_shapes_pipeline", "shapes_pipeline_dir", "prompts", "world_prompt_sets",
+    "load_classifier", "load_shapes_pipeline", "shapes_pipeline_dir", "shipped_spms", "prompts", "world_prompt_sets",
 ]
 
 CONCEPTS = SHAPES + COLOURS
@@ -40,6 +40,20 @@ CONCEPTS = SHAPES + COLOURS
 def shapes_pipeline_dir() -> Path:
     """The folder of the shipped pipeline (package data ``spm_rt/world/assets/shapes``)."""
     return Path(str(resources.files("spm_rt.world") / "assets" / "shapes"))
+
+
+def shipped_spms() -> list[Path]:
+    """The SPM files shipped with the shapes world (``assets/spms``, trained by ``spm-rt
+    train-spms``), sorted by name: ``circle.safetensors`` (erases circles, keeps the colour) and
+    ``red.safetensors`` (erases red).
+
+    Example::
+
+        >>> [p.name for p in shipped_spms()]
+        ['circle.safetensors', 'red.safetensors']
+    """
+    folder = Path(str(resources.files("spm_rt.world") / "assets" / "spms"))
+    return sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
 
 
 def load_shapes_pipeline(dtype: torch.dtype = torch.float32, path: str | Path | None = None):

@@ -4,14 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from importlib import resources
 from pathlib import Path
 
 
 def shipped_spms() -> list[Path]:
-    """The SPM files shipped with the shapes world (trained with the project's training path)."""
-    folder = Path(str(resources.files("spm_rt.world") / "assets" / "spms"))
-    return sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    """The shipped shapes-world SPM files (:func:`spm_rt.world.shipped_spms`; imported lazily)."""
+    from spm_rt.world import shipped_spms as files
+
+    return files()
 
 
 def add_subcommands(sub) -> None:
