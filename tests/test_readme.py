@@ -48,3 +48,15 @@ def test_readme_python_block_runs(line, code, tmp_path, monkeypatch, capsys):
         from spm_rt import load_spm
 
         assert load_spm(tmp_path / "copy.safetensors").concepts == ["red"]
+
+
+def test_declared_dependencies_cover_what_the_suite_and_configs_import():
+    """scipy (LMSDiscreteScheduler: `noise_scheduler: lms`, and the training tests) is a base
+    dependency; triton is bounded to the minors the kernels were tested with (3.6, 3.9)."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[<>=!~\[ ]", d, maxsplit=1)[0].lower(): d for d in project["dependencies"]}
+    assert "scipy" in names
+    for extra in ("triton", "test"):
+        triton = [d for d in project["optional-dependencies"][extra] if d.startswith("triton")]
+        assert triton == ["triton>=3.2,<3.10"], (extra, triton)
