@@ -39,3 +39,38 @@ PY
 
 cd "$repo"
 python bench/bench_kernels.py --json "$json" "$@"
+
+# --- native library (libspm_kernels): the GPU ctest + native vs Triton JIT at one SD1.5 shape ---
+# Guarded: SPM_SKIP_NATIVE=1 skips it. Uses $SPM_KERNELS_LIB or build/libspm_kernels.so when present
+# (a build carried from another machine: its GPU test binary is run directly), else builds one
+# with cmake (sm_90 only unless SPM_CUDA_ARCHS is set; about a minute) into a scratch directory.
+# A correctness failure exits 1; a missing toolchain is reported and skipped.
+if [ "${SPM_SKIP_NATIVE:-0}" != 1 ]; then
+  native_rc=0
+  lib="${SPM_KERNELS_LIB:-$repo/build/libspm_kernels.so}"
+  nb="$(dirname "$lib")"
+  if [ ! -f "$lib" ] && command -v cmake >/dev/null 2>&1; then
+    nb="$shim/native-build"
+    if cmake -S "$repo" -B "$nb" -DPython3_EXECUTABLE="$(command -v python3)" \
+         -DSPM_CUDA_ARCHS="${SPM_CUDA_ARCHS:-90}" >"$out_dir/native-build.log" 2>&1 &&
+       cmake --build "$nb" -j"$(nproc)" >>"$out_dir/native-build.log" 2>&1; then
+      lib="$nb/libspm_kernels.so"
+    else
+      echo "native: BUILD FAILED (see $out_dir/native-build.log)"; tail -20 "$out_dir/native-build.log"; native_rc=1
+    fi
+  fi
+  if [ -f "$lib" ]; then
+    echo "native: $lib"
+    if [ -f "$nb/CTestTestfile.cmake" ] && command -v ctest >/dev/null 2>&1 && [ "$nb" = "$shim/native-build" ]; then
+      ctest --test-dir "$nb" --output-on-failure -V -R spm_gpu_forward || native_rc=1
+    elif [ -x "$nb/tests/native/spm_test_gpu" ]; then
+      set +e; LD_LIBRARY_PATH="$nb${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$nb/tests/native/spm_test_gpu"; rc=$?; set -e
+      [ "$rc" = 0 ] || [ "$rc" = 77 ] || native_rc=1
+    fi
+    (cd "$shim" && python3 "$repo/bench/bench_native.py" --lib "$lib" \
+       --json "$out_dir/native-$(date -u +%Y%m%dT%H%M%SZ).json") || native_rc=1
+  elif [ "$native_rc" = 0 ]; then
+    echo "native: SKIPPED (no $lib and no cmake to build it)"
+  fi
+  exit "$native_rc"
+fi
