@@ -804,12 +804,14 @@ def gated_spm_linear_bwd_ref(
     return dx, dd, du
 
 
-class GatedSPMLinearFunction(torch.autograd.Function):
+class GatedSPMLinearFunction:
     """Autograd for the fused op: gradients for x, down and up (weight, bias, gates, scale frozen).
 
-    ``apply(x, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank[, groups])``.
-    fp16/bf16/fp32 run the Triton kernels both ways; float64 runs the torch formulas
-    (``gated_spm_linear_torch`` / ``gated_spm_linear_bwd_ref``), for gradcheck.
+    ``apply(x, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank[, groups])``
+    runs the registered custom op ``spm_rt::gated_linear`` (``spm_rt.kernels.ops``), whose
+    autograd formula is registered with ``torch.library``: the same path eager code, training and
+    ``torch.compile`` take. fp16/bf16/fp32 run the Triton kernels both ways; float64 runs the
+    torch formulas (``gated_spm_linear_torch`` / ``gated_spm_linear_bwd_ref``), for gradcheck.
 
     Example::
 
@@ -819,40 +821,13 @@ class GatedSPMLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, scale, gates, rows_per_sample, combine="linear", rank=1, groups=1):
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        if x.dtype == torch.float64:
-            _validate_fp64(x2, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank, groups)
-            y, c = gated_spm_linear_torch(x2, weight, bias, down, up, scale.double(), gates.double(),
-                                          rows_per_sample, combine, rank, groups)
-        else:
-            x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-            y, c = _forward_2d(x2, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank, groups,
-                               "auto", store_c=ctx.needs_input_grad[4])
-        ctx.save_for_backward(x2, weight, down, up, scale, gates, c)
-        ctx.meta = (rows_per_sample, combine, rank, groups, lead)
-        return y.reshape(*lead, weight.shape[0])
+    def apply(x, weight, bias, down, up, scale, gates, rows_per_sample, combine="linear", rank=1, groups=1):
+        from spm_rt.kernels.ops import gated_linear
 
-    @staticmethod
-    def backward(ctx, dy):
-        x2, weight, down, up, scale, gates, c = ctx.saved_tensors
-        rows_per_sample, combine, rank, groups, lead = ctx.meta
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        need_dx, need_dd, need_du = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        if x2.dtype == torch.float64:
-            dx, dd, du = gated_spm_linear_bwd_ref(dy2.to(x2.dtype), x2, weight, down, up, scale.double(),
-                                                  gates.double(), rows_per_sample, combine, rank, groups)
-        else:
-            dy2 = dy2.to(x2.dtype)
-            dy2 = dy2 if dy2.stride(-1) == 1 else dy2.contiguous()
-            with _device_guard(x2):
-                dx, dd, du = _backward_triton(dy2, x2, weight, down, up, scale, gates, c, rows_per_sample,
-                                              combine, rank, groups, need_dx, need_dd, need_du)
-        if dx is not None:
-            dx = dx.reshape(*lead, x2.shape[-1])
-        return (dx if need_dx else None, None, None, dd if need_dd else None, du if need_du else None,
-                None, None, None, None, None, None)
+        if x.dtype == torch.float64:
+            _validate_fp64(x.reshape(-1, x.shape[-1]), weight, bias, down, up, scale, gates, rows_per_sample,
+                           combine, rank, groups)
+        return gated_linear(x, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank, groups)
 
 
 def _validate_fp64(x, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank, groups):

@@ -47,6 +47,15 @@ def _load_interpreted():
 
 gl = _load_interpreted()
 
+
+@pytest.fixture(autouse=True)
+def _ops_use_interpreted(monkeypatch):
+    """The registered custom ops (spm_rt.kernels.ops, used by GatedSPMLinearFunction) run this
+    file's interpreted kernels."""
+    import spm_rt.kernels.ops as ops
+
+    monkeypatch.setattr(ops, "kernel_module", gl)
+
 SMALL_TILES = dict(FWD_BLOCK_M=16, FWD_BLOCK_M_SMALL=16, FWD_BLOCK_N=16, FWD_BLOCK_K=16, FWD_BLOCK_M_FP32=16,
                    FWD_BLOCK_K_FP32=16, LOAD_BLOCK_R=16, SHRINK_BLOCK_M=16, SHRINK_BLOCK_K=16, LOWRANK_BLOCK_M=16,
                    LOWRANK_BLOCK_PQ=16)

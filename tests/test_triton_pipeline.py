@@ -18,12 +18,12 @@ SCRIPT = textwrap.dedent('''
     import torch, spm_rt
     from spm_rt import use_gates
     from spm_rt.kernels import gated_linear as kernels
-    launches = []  # groups= of every kernel launch
-    _launch = kernels.gated_spm_linear_triton
-    def counted(*args, groups=1, **kwargs):
-        launches.append(groups)
-        return _launch(*args, groups=groups, **kwargs)
-    kernels.gated_spm_linear_triton = counted
+    launches = []  # groups= of every linear kernel launch (through the spm_rt::gated_linear op)
+    _launch = kernels._forward_2d
+    def counted(*args, **kwargs):
+        launches.append(args[10])
+        return _launch(*args, **kwargs)
+    kernels._forward_2d = counted
     from spm_rt.testing import tiny_pipeline, random_spm
     torch.set_num_threads(1)
     pipe = tiny_pipeline(0, sample_size=8)
@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent('''
             rt = spm_rt.compile(pipe, spms, backend=backend, transport="fixed", combine=combine)
             n_blocks = sum(1 for p in rt.layers if p.endswith(".attn1.to_q"))
             launches.clear()
-            with torch.no_grad(), use_gates(gates):
+            with torch.no_grad(), use_gates(rt, gates):
                 out[backend] = pipe.unet(sample, 500, emb).sample
                 if backend == "triton":
                     # attn1 q/k/v and attn2 k/v each in one grouped launch
@@ -46,6 +46,16 @@ SCRIPT = textwrap.dedent('''
                     again = pipe.unet(sample, 400, emb).sample  # a second step of the same call
                     assert launches.count(2) == n_blocks, launches  # attn2 k/v kept, not relaunched
                     assert launches.count(3) == 2 * n_blocks, launches
+            if backend == "triton":
+                # the custom ops under torch.compile: one graph, no break, same numbers as eager
+                from torch._dynamo.testing import CompileCounterWithBackend
+                counter = CompileCounterWithBackend("aot_eager")
+                compiled = torch.compile(pipe.unet, backend=counter, fullgraph=True)
+                with torch.no_grad(), use_gates(rt, gates):
+                    traced = compiled(sample, 500, emb).sample
+                assert counter.frame_count == 1, counter.frame_count
+                err_c = (traced - out["triton"]).abs().max().item()
+                assert err_c < 1e-4, err_c
             rt.remove()
         with torch.no_grad():
             base = pipe.unet(sample, 500, emb).sample
