@@ -33,7 +33,6 @@ from conftest import ARCHS, DEVICE, KS, PROMPTS, TINY, Case, gates_for, run_pair
 METHODS = ("reference", "peft", "merged", "gated")
 SCENARIOS = (("step", 1), ("step", 4), ("generation", 1), ("generation", 4))
 GUIDANCE = 7.5
-MERGE_CACHE = 4  # one merged copy per prompt of the 4-prompt step, so its rounds are steady state
 
 
 def _cut_matrix(method: str, scenario: str, prompts: int, k: int) -> bool:
@@ -101,7 +100,7 @@ class Installer:
         elif method in ("merged", "gated"):
             backend = "auto" if DEVICE == "cuda" else "torch"
             state = spm_rt.compile(pipe, self.models.spms(arch, k), transport="fixed", strategy=method,
-                                   backend=backend, merge_cache_size=MERGE_CACHE)
+                                   backend=backend)
         elif method == "reference":
             state = ReferenceSPMNetwork(pipe.unet, self.models.spms(arch, k))
             state.set_gates(g)
@@ -159,7 +158,7 @@ def test_methods_compute_the_same_update(models, installer):
     def run(**kw):
         rt = spm_rt.compile(pipe, spms, transport="fixed", backend="torch", **kw)
         try:
-            with spm_rt.use_gates(g):
+            with spm_rt.use_gates(pipe, g):
                 return unet(lat, t, encoder_hidden_states=emb).sample
         finally:
             rt.remove()
@@ -214,13 +213,13 @@ def test_pipeline_latency(benchmark, models, installer, case):
             def fn():
                 for p, (lp, ep) in enumerate(per_prompt):
                     if method == "merged":
-                        with spm_rt.use_gates(gates[p : p + 1]):
+                        with spm_rt.use_gates(pipe, gates[p : p + 1]):
                             unet(lp, t, encoder_hidden_states=ep)
                     else:  # reference / PEFT: loaded once with one gate vector (steady state)
                         unet(lp, t, encoder_hidden_states=ep)
         elif method in ("merged", "gated"):
             def fn():
-                with spm_rt.use_gates(gates):
+                with spm_rt.use_gates(pipe, gates):
                     unet(lat, t, encoder_hidden_states=emb)
         else:
             def fn():
@@ -260,7 +259,7 @@ def test_pipeline_latency(benchmark, models, installer, case):
         if method == "merged":
             def clear_merge_caches():  # merge included in every timed generation
                 for layer in state.layers.values():
-                    layer.clear_cache()
+                    layer.forget_merged()
 
             setup = clear_merge_caches
 
@@ -270,9 +269,8 @@ def test_pipeline_latency(benchmark, models, installer, case):
     # variant round keeps the shared pipeline warm.
     if method == "merged" and scenario == "step":
         for p in range(prompts):
-            g = gates[p].to(DEVICE)
             for layer in state.layers.values():
-                layer.merged_weight(tuple(g.tolist()), g)
+                layer.prepare_merged(gates[p].cpu())
     elif DEVICE == "cuda" or arch.name == "tiny":
         fn()
     rounds = arch.step_rounds if scenario == "step" else arch.gen_rounds
@@ -280,7 +278,7 @@ def test_pipeline_latency(benchmark, models, installer, case):
     options = {"guidance_scale": GUIDANCE, "sequential_prompts": sequential,
                "text_encoding_counted": scenario == "generation", "transport_counted": False,
                "vae_decode": False, "merge_included": method == "merged" and scenario == "generation",
-               "merge_cache_size": MERGE_CACHE if method == "merged" else None,
+               "merged_buffers": 1 if method == "merged" else None,
                "combine": {"reference": "official", "peft": "linear", "merged": "linear", "gated": "linear"}.get(method),
                "backend": resolve_backend(state.config.backend, torch.device(DEVICE)) if method in ("merged", "gated") else None,
                "scheduler": type(pipe.scheduler).__name__}

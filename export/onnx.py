@@ -55,11 +55,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spm_rt import gating
 from spm_rt.compile import load_spms
 from spm_rt.formats import SPM, SPMFormatError, adapted_modules, module_shape, resolve
 from spm_rt.kernels.reference import COMBINES, merged_weight_ref
-from spm_rt.stack import Stack, stack_module
+from spm_rt.stack import Stack, stack_spms
 from spm_rt.transport import METRICS, encode_prompts, token_sets
 
 GATES_MODES = ("input", "folded", "none")
@@ -96,21 +95,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
 # ---------------------------------------------------------------------------------------------
 # SPM tensors in the stacked layout, padded to (k_max, rank)
 
-def _padded_stacks(modules: dict[str, nn.Module], spms: list[SPM], k_max: int, rank: int) -> dict[str, Stack]:
-    """spm_rt.stack's layout for ``spms`` with K padded to ``k_max`` and r to ``rank`` (zero rows,
-    zero scale): the same code path the runtime stacks with, one layout for every consumer."""
-    if not spms:
-        raise ValueError("no SPMs given")
-    if len(spms) > k_max:
-        raise ValueError(f"{len(spms)} SPMs do not fit k_max={k_max}")
-    resolved = [resolve(spm, modules) for spm in spms]
-    need = max(max(w.rank for w in r.values()) for r in resolved)
-    if need > rank:
-        raise ValueError(f"SPM rank {need} exceeds the exported rank {rank}")
-    pad = [None] * (k_max - len(spms))
-    return {path: stack_module(mod, [r.get(path) for r in resolved] + pad, rank) for path, mod in modules.items()}
-
-
 def _shape_only_modules(table: dict[str, list[int]], dtype: torch.dtype) -> dict[str, nn.Module]:
     """Stand-ins carrying only ``weight.shape``/``dtype`` (a stride-0 view, no memory), so the
     stacking code can run from a manifest without the UNet."""
@@ -135,7 +119,7 @@ def spm_initializers(manifest: dict, spms, *, concepts=None) -> dict[str, np.nda
     spms = load_spms(spms, concepts)
     dtype = _DTYPES[manifest["dtype"]]
     modules = _shape_only_modules(manifest["spm_modules"], dtype)
-    stacks = _padded_stacks(modules, spms, manifest["k_max"], manifest["rank"])
+    stacks = stack_spms(modules, spms, manifest["k_max"], manifest["rank"])
     out = {}
     for path, s in stacks.items():
         out[f"spm.{path}.down"] = s.down.numpy()
@@ -152,9 +136,10 @@ class _SPMExportLayer(nn.Module):
     as parameters (so they leave the exporter as named initializers). Computes exactly
     ``spm_rt.functional``'s gated op, written so the SPM tensors feed Gemm/MatMul/Mul directly."""
 
-    def __init__(self, base: nn.Module, stack: Stack, combine: str):
+    def __init__(self, base: nn.Module, stack: Stack, combine: str, gate_input: "_GateInput"):
         super().__init__()
         self.base = base
+        self.gate_input = gate_input  # the graph's ``gates`` input, set by _UNetGraph.forward
         self.down = nn.Parameter(stack.down.detach().clone(), requires_grad=False)  # [K*r, in]
         self.up = nn.Parameter(stack.up.detach().clone(), requires_grad=False)  # [out, K*r]
         self.scale = nn.Parameter(stack.scale.detach().clone(), requires_grad=False)  # [K] float32
@@ -179,7 +164,7 @@ class _SPMExportLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        gates = gating.current().rows(x.shape[0], x.device).gates  # [N, K]
+        gates = self.gate_input.gates  # [N, K] float32: the graph input, one row per UNet batch row
         n, kr = x.shape[0], self.k * self.rank
         if self.conv:  # x [N, in, H, W]
             z = torch.matmul(self.down, x.flatten(2))  # [N, K*r, HW]
@@ -189,6 +174,11 @@ class _SPMExportLayer(nn.Module):
         z = F.linear(x.reshape(-1, in_f), self.down)  # [M, K*r] (Gemm, transB)
         c = self._coefficients(z.reshape(n, -1, self.k, self.rank), gates, 2).reshape(-1, kr)
         return y + F.linear(c, self.up).reshape(y.shape)  # Gemm, transB
+
+
+def _padded(gates: torch.Tensor, k: int) -> torch.Tensor:
+    """A gate vector [K] padded with zeros to the runtime's k slots."""
+    return torch.cat([gates, gates.new_zeros(k - gates.shape[0])])
 
 
 class _FoldedLayer(nn.Module):
@@ -204,21 +194,31 @@ class _FoldedLayer(nn.Module):
         return F.conv2d(x, self.weight, self.bias) if self.conv else F.linear(x, self.weight, self.bias)
 
 
+class _GateInput:
+    """Hands the UNet graph's ``gates`` input to every _SPMExportLayer during tracing."""
+
+    gates: torch.Tensor | None = None
+
+
 class _UNetGraph(nn.Module):
-    def __init__(self, unet: nn.Module, sdxl: bool, gated: bool):
+    def __init__(self, unet: nn.Module, sdxl: bool, gate_input: _GateInput | None):
         super().__init__()
         self.unet = unet
         self.sdxl = sdxl
-        self.gated = gated
+        self.gate_input = gate_input
 
     def forward(self, sample, timestep, encoder_hidden_states, *rest):
         added = None
         if self.sdxl:
             added = {"text_embeds": rest[0], "time_ids": rest[1]}
             rest = rest[2:]
-        ctx = gating.use_gates(rest[0], rows=True, traced=True) if self.gated else contextlib.nullcontext()
-        with ctx:
+        if self.gate_input is not None:
+            self.gate_input.gates = rest[0]
+        try:
             return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+        finally:
+            if self.gate_input is not None:
+                self.gate_input.gates = None
 
 
 class _Transport(nn.Module):
@@ -593,7 +593,7 @@ def export_onnx(
     k_max = k if k_max is None else int(k_max)
     if k_max < k:
         raise ValueError(f"k_max={k_max} is smaller than the pipeline's {k} SPMs")
-    rank = max(layer.stack.rank for layer in rt.layers.values())
+    rank = max(layer.rank for layer in rt.layers.values())
     combine = rt.layer_config.combine
     transport_metric = rt.transport.metric if rt.transport is not None else "fixed"
     fixed = rt.config.fixed_gates
@@ -638,9 +638,11 @@ def export_onnx(
             names += ["text_embeds", "time_ids"]
             axes.update({"text_embeds": {0: "batch"}, "time_ids": {0: "batch"}})
         rename: dict[str, str] = {}
+        gate_input = None
         if gates == "input":
-            stacks = _padded_stacks(modules, rt.spms, k_max, rank)
-            replacements = {p: _SPMExportLayer(modules[p], stacks[p], combine) for p in modules}
+            stacks = stack_spms(modules, rt.spms, k_max, rank)
+            gate_input = _GateInput()
+            replacements = {p: _SPMExportLayer(modules[p], stacks[p], combine, gate_input) for p in modules}
             args.append(torch.rand(rows, k_max, generator=gen))
             names.append("gates")
             axes["gates"] = {0: "batch"}
@@ -653,14 +655,15 @@ def export_onnx(
             g = torch.tensor(fixed, dtype=torch.float32)
             replacements = {}
             for p, layer in rt.layers.items():
-                w, s = layer.base.weight, layer.stack
-                merged = merged_weight_ref(w.reshape(w.shape[0], -1), s.down, s.up, s.scale, g.to(w.device),
-                                           combine, s.rank).view_as(w)
+                w = layer.weight
+                merged = merged_weight_ref(w.reshape(w.shape[0], -1), layer.spm_down, layer.spm_up, layer.spm_scale,
+                                           _padded(g, layer.spm_scale.shape[0]).to(w.device), combine,
+                                           layer.rank).view_as(w)
                 replacements[p] = _FoldedLayer(layer.base, merged)
         else:
             replacements = dict(modules)  # the original modules: the base UNet
         with _swapped(unet, replacements):
-            graph_module = converted(_UNetGraph(unet, sdxl, gates == "input").eval())
+            graph_module = converted(_UNetGraph(unet, sdxl, gate_input).eval())
             for name, _ in graph_module.named_parameters():
                 if name.startswith("unet.") and name not in rename:
                     rename[name] = name[len("unet."):]

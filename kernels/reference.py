@@ -99,21 +99,23 @@ def merged_weight_ref(
     combine: str = "linear",
     rank: int = 1,
 ) -> torch.Tensor:
-    """W + (the SPM update for one gate vector), computed in float32 and cast back: [out, in].
+    """W + (the SPM update for one gate vector), accumulated in float32 (float64 for float64
+    weights) and rounded once to the weight's dtype: [out, in].
 
     One ``addmm`` per layer (no full-size temporaries beyond the result): on SD1.5's 192 layers
     this halved the merge time against an einsum followed by an add.
     """
     k = gates.shape[0]
-    g = gates.float()
-    s = scale.float()
-    w = weight.float()
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    g = gates.to(acc)
+    s = scale.to(acc)
+    w = weight.to(acc)
     if combine == "linear":
-        u = up.float() * (g * s).repeat_interleave(rank)  # [out, K*r]: gates folded into the small factor
-        merged = torch.addmm(w, u, down.float())
+        u = up.to(acc) * (g * s).repeat_interleave(rank)  # [out, K*r]: gates folded into the small factor
+        merged = torch.addmm(w, u, down.to(acc))
     elif combine == "official":
-        u_sum = (up.float().view(up.shape[0], k, rank) * g[None, :, None]).sum(1)  # [out, r]
-        d_sum = (down.float().view(k, rank, -1) * g[:, None, None]).sum(0)  # [r, in]
+        u_sum = (up.to(acc).view(up.shape[0], k, rank) * g[None, :, None]).sum(1)  # [out, r]
+        d_sum = (down.to(acc).view(k, rank, -1) * g[:, None, None]).sum(0)  # [r, in]
         merged = torch.addmm(w, u_sum, d_sum, alpha=float(s[0]))
     else:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")

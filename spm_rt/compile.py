@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+import warnings
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -28,17 +29,23 @@ class SPMConfig:
     strategy:  "auto" (merged when every row of a UNet batch has the same gates, gated otherwise),
                "merged" or "gated".
     backend:   "auto" (triton on CUDA when installed, torch otherwise), "torch" or "triton".
-    merge_cache_size: merged weight copies kept per layer (one per distinct gate vector).
+    k_max:     SPM slots preallocated in every adapted layer (default: the number of SPMs).
+               ``set_spms`` with at most ``k_max`` SPMs writes into the same storage, so compiled
+               graphs and captured CUDA graphs stay valid; more reallocates (and warns).
     reuse_cross_kv: keep cross-attention to_k/to_v outputs for a whole generation (they depend only
-               on the text embeddings and the gates) instead of recomputing them at every step.
+               on the text embeddings and the gates) instead of recomputing them at every step
+               (eager mode; off under inference_mode and inside compiled graphs).
     fixed_gates: default gates [K] for transport="fixed" (ones when None).
+
+    Merged weights: one persistent buffer per adapted layer (a copy of the adapted weights),
+    written in place when a call's gate vector differs from the one it holds.
     """
 
     combine: str = "linear"
     transport: str = "clipcos_tokenuni"
     strategy: str = "auto"
     backend: str = "auto"
-    merge_cache_size: int = 2
+    k_max: int | None = None
     reuse_cross_kv: bool = True
     fixed_gates: list[float] | None = None
     calibration: dict | None = None  # transport="calibrated": concept -> (positives, negatives)
@@ -48,8 +55,8 @@ class SPMConfig:
                                      ("strategy", self.strategy, STRATEGIES), ("backend", self.backend, BACKENDS)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if self.merge_cache_size < 1:
-            raise ValueError("merge_cache_size must be >= 1")
+        if self.k_max is not None and int(self.k_max) < 1:
+            raise ValueError(f"k_max must be >= 1, got {self.k_max}")
 
 
 def load_spms(spms, concepts=None) -> list[SPM]:
@@ -110,17 +117,29 @@ class SPMPipeline:
     def __init__(self, pipe, spms: list[SPM], config: SPMConfig):
         self.pipe = pipe
         self.config = config
-        self.layer_config = LayerConfig(config.combine, config.strategy, config.backend, config.merge_cache_size,
-                                        config.reuse_cross_kv)
+        self.layer_config = LayerConfig(config.combine, config.strategy, config.backend, config.reuse_cross_kv)
         self.layers: dict[str, SPMLayer] = {}
         self.spms: list[SPM] = []
         self.transport: Transport | None = None
         self._install(spms, first=True)
 
     # -- lifecycle ----------------------------------------------------------------------------
+    def _slots(self, spms: list[SPM]) -> tuple[int, int | None]:
+        """(k_max, rank) to stack with: the existing capacity where the new set fits it."""
+        k_max = max(self.config.k_max or len(spms), len(spms))
+        if not self.layers:
+            return k_max, None
+        layer = next(iter(self.layers.values()))
+        have_k, have_r = layer.spm_scale.shape[0], layer.rank
+        need_r = max(s.rank for s in spms)
+        if len(spms) <= have_k and need_r <= have_r:
+            return have_k, have_r
+        return max(k_max, have_k), max(need_r, have_r)
+
     def _prepare(self, spms: list[SPM]):
         """Everything that can fail, with no side effects: stacks and transport."""
-        stacks = build_stacks(self.pipe.unet, spms)
+        k_max, rank = self._slots(spms)
+        stacks = build_stacks(_unet(self.pipe), spms, k_max, rank)
         transport = None
         if self.config.transport == "calibrated":
             calibration = dict(self.config.calibration or {})
@@ -137,29 +156,51 @@ class SPMPipeline:
     def _install(self, spms: list[SPM], first: bool = False) -> None:
         stacks, transport = self._prepare(spms)
         if first:
-            self.layers = patch(self.pipe.unet, stacks, self.layer_config)
+            self.layers = patch(_unet(self.pipe), stacks, self.layer_config)
         else:
             if set(stacks) != set(self.layers):
                 raise SPMFormatError("the new SPMs adapt a different set of modules")
-            for path, layer in self.layers.items():
-                layer.set_stack(stacks[path])
+            in_place = [layer.write_stack(stacks[path]) for path, layer in self.layers.items()]
+            k_max = next(iter(stacks.values())).num_spms
+            state = self._state
+            if state.k_max != k_max:
+                state.resize(k_max)
+            if not all(in_place):
+                warnings.warn(f"set_spms: {len(spms)} SPMs (rank {max(s.rank for s in spms)}) exceed the preallocated "
+                              "slots; SPM buffers were reallocated, so compiled graphs will be rebuilt (pass a larger "
+                              "k_max to spm_rt.compile to avoid this)", stacklevel=3)
         self.spms, self.transport = spms, transport
 
+    @property
+    def _state(self):
+        return gating.state_of(self)
+
+    @property
+    def k_max(self) -> int:
+        """SPM slots preallocated in every adapted layer."""
+        return self._state.k_max
+
     def set_spms(self, spms, *, concepts=None) -> "SPMPipeline":
-        """Swap the concept set in place (all or nothing); returns self.
+        """Swap the concept set in place (all or nothing); returns self. Waits for a running call.
+
+        With at most ``k_max`` SPMs the new tensors are copied into the same storage, so a
+        compiled UNet (and its captured CUDA graphs) keeps working without a recompile.
 
         Example::
 
             >>> rt.set_spms(["snoopy.safetensors", "mickey.safetensors"])  # doctest: +SKIP
         """
         self._check_live()
-        self._install(load_spms(spms, concepts))
+        spms = load_spms(spms, concepts)
+        with self._state.lock:
+            self._install(spms)
         return self
 
     def remove(self):
         """Restore the original pipeline bit-exactly (the original module objects); returns it."""
         self._check_live()
-        unpatch(self.pipe.unet, self.layers)
+        with self._state.lock:
+            unpatch(_unet(self.pipe), self.layers)
         self.layers = {}
         del self.pipe._spm_rt
         pipe, self.pipe = self.pipe, None
@@ -168,6 +209,20 @@ class SPMPipeline:
     def _check_live(self):
         if self.pipe is None:
             raise RuntimeError("this SPMPipeline was removed")
+
+    def compile_unet(self, **compile_kwargs) -> "SPMPipeline":
+        """``torch.compile`` the patched UNet in place (``pipe.unet = torch.compile(pipe.unet, ...)``,
+        ``fullgraph=True`` by default); returns self. Any prompt, gates, mixed batch or ``set_spms``
+        within ``k_max`` then runs without a recompile (one graph per path taken per batch shape).
+
+        Example::
+
+            >>> rt = spm_rt.compile(pipe, ["snoopy.safetensors"]).compile_unet(mode="reduce-overhead")  # doctest: +SKIP
+        """
+        self._check_live()
+        compile_kwargs.setdefault("fullgraph", True)
+        self.pipe.unet = torch.compile(_unet(self.pipe), **compile_kwargs)
+        return self
 
     # -- gates ---------------------------------------------------------------------------------
     @property
@@ -226,7 +281,7 @@ class SPMPipeline:
         self._check_live()
         g = self._call_gates(prompt, gates, kwargs)
         per = int(kwargs.get("num_images_per_prompt") or 1)
-        with gating.use_gates(g, per):
+        with gating.use_gates(self, g, per):  # one call at a time per pipeline (holds its lock)
             return self.pipe(prompt, *args, **kwargs)
 
     def __getattr__(self, name):  # pipeline attributes (unet, vae, device, ...) pass through
@@ -240,8 +295,14 @@ class SPMPipeline:
                 f"backend={self.config.backend}, layers={len(self.layers)})")
 
 
-def compile(pipe, spms, *, combine: str = "linear", transport: str = "clipcos_tokenuni", strategy: str = "auto",
-            backend: str = "auto", concepts: list | None = None, config: SPMConfig | None = None,
+def _unet(pipe):
+    """The pipeline's UNet, unwrapped from ``torch.compile`` where it was compiled."""
+    unet = pipe.unet
+    return getattr(unet, "_orig_mod", unet)
+
+
+def compile(pipe, spms, *, combine: str | None = None, transport: str | None = None, strategy: str | None = None,
+            backend: str | None = None, concepts: list | None = None, config: SPMConfig | None = None,
             **config_kwargs) -> SPMPipeline:
     """Patch ``pipe`` (any diffusers Stable Diffusion 1.x/2.x/XL pipeline, text-to-image,
     img2img or inpaint) with ``spms`` (paths or loaded SPMs) and return an :class:`SPMPipeline`.
@@ -261,9 +322,13 @@ def compile(pipe, spms, *, combine: str = "linear", transport: str = "clipcos_to
         raise RuntimeError("this pipeline is already compiled with spm_rt: use rt.set_spms(...) or rt.remove() first")
     if getattr(pipe, "unet", None) is None:
         raise TypeError(f"{type(pipe).__name__} has no UNet: spm_rt supports Stable Diffusion (1.x/2.x/XL) pipelines")
-    cfg = config or SPMConfig()
-    cfg = replace(cfg, combine=combine, transport=transport, strategy=strategy, backend=backend, **config_kwargs) \
-        if config is None else cfg
+    # explicit keywords override ``config`` (or the defaults); unknown keywords are errors
+    given = dict(combine=combine, transport=transport, strategy=strategy, backend=backend, **config_kwargs)
+    known = {f.name for f in fields(SPMConfig)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise TypeError(f"spm_rt.compile got unknown option(s) {unknown}; SPMConfig has {sorted(known)}")
+    cfg = replace(config or SPMConfig(), **{k: v for k, v in given.items() if v is not None})
     cfg.validate()
     rt = SPMPipeline(pipe, load_spms(spms, concepts), cfg)
     pipe._spm_rt = rt

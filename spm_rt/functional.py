@@ -84,14 +84,9 @@ def gated_linear(
     x2 = x.reshape(-1, in_f)
     rows = x2.shape[0] // n
     if backend == "triton":
-        from spm_rt.kernels.gated_linear import GatedSPMLinearFunction, gated_spm_linear_triton
+        from spm_rt.kernels.ops import gated_linear as op
 
-        x2 = x2.contiguous()
-        if torch.is_grad_enabled() and (x2.requires_grad or down.requires_grad or up.requires_grad):
-            y = GatedSPMLinearFunction.apply(x2, weight, bias, down, up, scale, gates, rows, combine, rank)
-        else:
-            y = gated_spm_linear_triton(x2, weight, bias, down, up, scale, gates, rows, combine, rank)
-        return y.view(*x.shape[:-1], weight.shape[0])
+        return op(x2, weight, bias, down, up, scale, gates, rows, combine, rank).view(*x.shape[:-1], weight.shape[0])
     y = F.linear(x2, weight, bias)  # [M, out]
     z = F.linear(x2, down)  # [M, K*r]
     c = _gate_z(z.view(n, rows, -1), gates, scale, combine, rank).view(-1, z.shape[1])
@@ -118,15 +113,15 @@ def gated_conv1x1(
     n, c_in, h, w = x.shape
     if backend == "triton":
         if not (torch.is_grad_enabled() and (x.requires_grad or down.requires_grad or up.requires_grad)):
-            from spm_rt.kernels.gated_linear import gated_spm_conv1x1_triton
+            from spm_rt.kernels.ops import gated_conv1x1_op
 
             # reads and writes NCHW directly (pixel and image strides in the kernel): no copy
-            return gated_spm_conv1x1_triton(x, weight, bias, down, up, scale, gates, combine, rank)
+            return gated_conv1x1_op(x, weight, bias, down, up, scale, gates, combine, rank)
         # training: the autograd op takes row-major [M, in], so one permute copy of the NHWC view
         x2 = x.permute(0, 2, 3, 1)
         y = gated_linear(x2, weight.view(weight.shape[0], c_in), bias, down, up, scale, gates, combine, rank, backend)
         return y.permute(0, 3, 1, 2)
-    y = F.conv2d(x, weight, bias)  # [N, out, H, W]
+    y = F.conv2d(x, weight, bias)  # [N, out, H, W] (1x1, stride 1: checked when the layer is built)
     x3 = x.reshape(n, c_in, h * w)
     z = torch.matmul(down, x3)  # [N, K*r, HW]
     c = _gate_z(z.transpose(1, 2), gates, scale, combine, rank).transpose(1, 2)  # [N, K*r, HW]
@@ -136,3 +131,24 @@ def gated_conv1x1(
         return (y3 + torch.bmm(u, c)).view_as(y)
     y3.baddbmm_(u, c)
     return y
+
+
+def grouped_gated_linear(
+    x: torch.Tensor,  # [N, ..., in]
+    weight: torch.Tensor,  # [G*out, in]  G projections reading x, concatenated
+    bias: torch.Tensor | None,  # [G*out]
+    down: torch.Tensor,  # [G*K*r, in]
+    up: torch.Tensor,  # [G*out, K*r]
+    scale: torch.Tensor,  # [G*K] float32
+    gates: torch.Tensor,  # [N, K] float32
+    combine: str,
+    rank: int,
+    groups: int,
+) -> torch.Tensor:
+    """G gated projections of one input in one Triton launch (x read once): [N, ..., G*out]."""
+    from spm_rt.kernels.ops import gated_linear as op
+
+    n = x.shape[0]
+    x2 = x.reshape(-1, x.shape[-1])
+    y = op(x2, weight, bias, down, up, scale, gates, x2.shape[0] // n, combine, rank, groups)
+    return y.view(*x.shape[:-1], weight.shape[0])

@@ -1,42 +1,48 @@
-"""Adapted layers: the original Linear / 1x1 Conv2d (kept, never copied) plus the SPM stack.
+"""Adapted layers: an original Linear / 1x1 Conv2d plus the stacked SPMs, as module state.
 
-Two strategies per forward:
+Everything an adapted layer needs on the hot path is a tensor it owns (so ``.to()``, ``.half()``,
+offload hooks and ``deepcopy`` move it, and ``torch.compile`` / CUDA graphs see fixed tensors):
 
-* merged: ``W_b = W + update(gates)`` formed once per distinct gate vector and cached (a small
-  LRU); the forward is a plain ``F.linear`` / ``F.conv2d`` with the cached copy (a batch with
-  several gate vectors runs each group of rows with its own copy). The original
-  weight is never written, so restoring is swapping the module back.
-* gated: the low-rank branch per row (``spm_rt.functional``), needed when rows of one batch
-  carry different gates, and for training (D, U require grad).
+* ``weight`` / ``bias``: the original module's own ``Parameter`` objects (not copies), registered
+  under the original names, so ``unet.state_dict()`` keeps the base model's keys and tensors;
+* ``spm_down [k_max*r, in]``, ``spm_up [out, k_max*r]``, ``spm_scale [k_max]`` (float32):
+  non-persistent buffers in the one stacked layout of ``spm_rt.stack``, rewritten in place
+  (``copy_``) when the SPM set changes within ``k_max`` slots;
+* ``merged_weight``: a non-persistent buffer holding ``W + update(gates)`` for the call's gate
+  vector, written in place once per distinct gate vector (never a fresh allocation per call);
+* ``spm_state``: the UNet's shared :class:`~spm_rt.gating.GateState` (row gates + call mode).
 
-``auto`` picks merged when every row of the UNet batch has the same gates, gated otherwise.
-With no gates set (outside a call) or all gates zero, the forward is the base module's own.
+The forward reads ``spm_state.mode`` (one Python attribute per call, see spm_rt.gating):
+``off`` -> the base op on ``weight``; ``merged`` -> the base op on ``merged_weight``; ``gated``
+-> the low-rank branch per row (``spm_rt.functional``) with ``row_gates[:N]``. The original
+module object is kept (unregistered) and restored by :func:`unpatch`, bit-exactly.
 
 Projections that read the same input inside one attention block form a :class:`SharedInput`:
-attn1's to_q/to_k/to_v (self-attention: all read the hidden states) and attn2's to_k/to_v (both
-read the text embeddings). Two things follow:
+attn1's to_q/to_k/to_v (self-attention) and attn2's to_k/to_v (both read the text embeddings).
+In eager mode two things follow:
 
 * Triton gated path: the first member called runs all of them as one grouped launch
-  (``groups=3`` / ``2``: x read once) and leaves the others' outputs in the call's gate state,
-  where their own calls pick them up (same input tensor, unmodified) instead of recomputing.
+  (``groups=3`` / ``2``: x read once) and leaves the others' outputs in the gate state, where
+  their own calls pick them up (same input tensor, unmodified) instead of recomputing.
 * Cross-attention k/v are functions of the text embeddings and the gates only, both fixed for a
   whole generation, so attn2's to_k/to_v outputs are kept for the call and reused at every
   denoising step (any strategy or backend; ``LayerConfig.reuse_cross_kv``).
 
-Both are skipped where gradients are needed or a graph is being traced.
+Both are skipped where they cannot be done safely: gradients needed, inference mode (inference
+tensors have no version counter to detect in-place changes), and graph capture
+(``torch.compile`` traces the plain per-layer ops instead).
 """
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spm_rt import gating
-from spm_rt.functional import gated_conv1x1, gated_linear, resolve_backend
+from spm_rt.formats import SPMFormatError
+from spm_rt.functional import gated_conv1x1, gated_linear
+from spm_rt.gating import GateState
 from spm_rt.kernels.reference import merged_weight_ref
 from spm_rt.stack import Stack
 
@@ -50,100 +56,163 @@ class LayerConfig:
     combine: str = "linear"
     strategy: str = "auto"
     backend: str = "auto"
-    merge_cache_size: int = 2
     reuse_cross_kv: bool = True  # keep attn2 to_k/to_v outputs for the whole call (see module doc)
 
 
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
 class SPMLayer(nn.Module):
-    """Base of SPMLinear / SPMConv1x1: holds ``base`` (the original module) and ``stack``."""
+    """Base of SPMLinear / SPMConv1x1 (see the module docstring for the state it owns)."""
 
     _spm_wrapper = True
 
-    def __init__(self, base: nn.Module, stack: Stack, config: LayerConfig):
+    def __init__(self, base: nn.Module, stack: Stack, config: LayerConfig, state: GateState, path: str = ""):
         super().__init__()
-        self.base = base
+        self.__dict__["base"] = base  # the original module, kept but not registered (state_dict keys)
+        self.path = path
+        self.register_parameter("weight", base.weight)
+        self.register_parameter("bias", base.bias)
         self.config = config
+        self.spm_state = state
+        self.register_buffer("spm_down", stack.down, persistent=False)  # [k_max*r, in]
+        self.register_buffer("spm_up", stack.up, persistent=False)  # [out, k_max*r]
+        self.register_buffer("spm_scale", stack.scale.float(), persistent=False)  # [k_max] float32
+        self.register_buffer("merged_weight", None, persistent=False)  # like weight, once merged
+        self.rank = stack.rank
         self.shared: SharedInput | None = None  # set by patch() for attention projections
-        self.set_stack(stack)
+        self._merged_for = None  # what merged_weight currently holds (gates, weight identity)
+        self._factors = None  # training: (down, up) tensors that carry gradients, else None
 
-    def set_stack(self, stack: Stack) -> None:
-        # Plain attributes, not buffers/parameters: the UNet's state_dict stays the base model's.
-        self.stack = stack
+    # -- state -----------------------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        scale = self.spm_scale
+        super()._apply(fn, recurse)
+        if self.spm_scale.dtype != torch.float32:  # keep the scales float32 whatever the UNet's dtype
+            self.spm_scale = scale.to(device=self.spm_scale.device)
+        return self
+
+    @property
+    def stack(self) -> Stack:
+        """The layer's SPMs in the stacked layout (views of its buffers, or the training factors)."""
+        down, up = self._factors or (self.spm_down, self.spm_up)
+        return Stack(down, up, self.spm_scale, self.rank)
+
+    @property
+    def trainable(self) -> bool:
+        return self._factors is not None
+
+    def write_stack(self, stack: Stack) -> bool:
+        """Put ``stack`` into the buffers: in place when the shapes match (same storage, so compiled
+        and captured graphs stay valid); returns False when new buffers had to be allocated."""
+        self._merged_for = None
         if self.shared is not None:
             self.shared.invalidate()
-        self._merged: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-        self._lock = threading.Lock()
+        same = (stack.down.shape == self.spm_down.shape and stack.up.shape == self.spm_up.shape
+                and stack.scale.shape == self.spm_scale.shape)
+        if same:
+            with torch.no_grad():
+                self.spm_down.copy_(stack.down)
+                self.spm_up.copy_(stack.up)
+                self.spm_scale.copy_(stack.scale)
+            return True
+        dev, dt = self.weight.device, self.weight.dtype
+        self.spm_down = stack.down.to(device=dev, dtype=dt)
+        self.spm_up = stack.up.to(device=dev, dtype=dt)
+        self.spm_scale = stack.scale.to(device=dev, dtype=torch.float32)
+        self.rank = stack.rank
+        return False
 
-    # -- merged strategy ------------------------------------------------------------------
-    def merged_weight(self, key: tuple, gates: torch.Tensor) -> torch.Tensor:
-        """The merged weight for one gate vector (cached), shaped like ``base.weight``."""
-        cache_key = (self.config.combine, key)
-        with self._lock:
-            hit = self._merged.get(cache_key)
-            if hit is not None:
-                self._merged.move_to_end(cache_key)
-                return hit
-        w = self.base.weight
-        s = self.stack
-        merged = merged_weight_ref(w.reshape(w.shape[0], -1), s.down, s.up, s.scale, gates,
-                                   self.config.combine, s.rank).view_as(w)
-        with self._lock:
-            self._merged[cache_key] = merged
-            while len(self._merged) > max(self.config.merge_cache_size, 1):
-                self._merged.popitem(last=False)
-        return merged
+    def set_factors(self, down: torch.Tensor | None, up: torch.Tensor | None = None) -> None:
+        """Training: run the gated branch with these (gradient-carrying) factors instead of the
+        buffers; ``set_factors(None)`` returns to the buffers."""
+        self._factors = None if down is None else (down, up)
 
-    def clear_cache(self) -> None:
-        with self._lock:
-            self._merged.clear()
+    # -- merged strategy -------------------------------------------------------------------------
+    def _weight_id(self) -> tuple:
+        w = self.weight
+        return (w.data_ptr(), w.dtype, w.device, w._version)
 
-    def _use_merged(self, rows: gating.RowGates) -> bool:
-        if self.stack.down.requires_grad or self.stack.up.requires_grad:
-            return False  # training: gradients must flow through the branch
-        strategy = self.config.strategy
-        return strategy == "merged" or (strategy == "auto" and rows.uniform)
+    def prepare_merged(self, gates: torch.Tensor) -> None:
+        """Make ``merged_weight`` hold ``W + update(gates)`` (gates [k_max] float32, on CPU), written
+        in place; nothing to do when it already holds exactly that."""
+        key = (tuple(gates.tolist()), self.config.combine, self._weight_id())
+        if self._merged_for == key:
+            return
+        w = self.weight
+        merged = self._merge(gates.to(w.device))
+        if self.merged_weight is None or self.merged_weight.shape != w.shape or self.merged_weight.dtype != w.dtype \
+                or self.merged_weight.device != w.device:
+            self.merged_weight = torch.empty_like(w, memory_format=torch.contiguous_format)
+        with torch.no_grad():
+            self.merged_weight.copy_(merged)
+        self._merged_for = key
 
-    def _needs_grad(self, x: torch.Tensor) -> bool:
-        return torch.is_grad_enabled() and (x.requires_grad or self.stack.down.requires_grad
-                                            or self.stack.up.requires_grad)
+    def _merge(self, gates: torch.Tensor) -> torch.Tensor:
+        w = self.weight.detach()
+        with torch.no_grad():
+            return merged_weight_ref(w.reshape(w.shape[0], -1), self.spm_down, self.spm_up, self.spm_scale, gates,
+                                     self.config.combine, self.rank).view_as(w)
 
+    def forget_merged(self) -> None:
+        """Mark ``merged_weight`` stale (kept allocated): the next merged call rewrites it."""
+        self._merged_for = None
+
+    def release_merged(self) -> None:
+        self.merged_weight = None
+        self._merged_for = None
+
+    # -- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        state = gating.current()
-        if state is None:
-            return self.base(x)
-        shared = self.shared if self.shared is not None and not state.traced and not self._needs_grad(x) else None
-        keep = shared is not None and shared.cross and self.config.reuse_cross_kv
-        if shared is not None:
-            hit = state.take_output(self, x, keep=keep)
-            if hit is not None:
-                return hit
-        out = self._forward(x, state, shared)
+        state = self.spm_state
+        mode = state.mode
+        if self._factors is not None:
+            mode = "gated" if mode != "off" else "off"
+        if mode == "off":
+            return self._base_forward(x, self.weight)
+        if _compiling():
+            if mode == "merged":
+                return self._base_forward(x, self.merged_weight)
+            return self._gated_forward(x, state.row_gates[: x.shape[0]], state.backend)
+        state.check_rows(x.shape[0], self.path or type(self).__name__)
+        shared = self.shared
+        if shared is None or self._factors is not None or x.is_inference() or torch.is_inference_mode_enabled() \
+                or (torch.is_grad_enabled() and x.requires_grad):
+            return self._eager_forward(x, state, mode, None)
+        keep = shared.cross and self.config.reuse_cross_kv
+        hit = state.take_output(self, x, keep=keep)
+        if hit is not None:
+            return hit
+        out = self._eager_forward(x, state, mode, shared)
         if keep:
             state.put_output(self, x, out)
         return out
 
-    def _forward(self, x: torch.Tensor, state: gating.GateState, shared: "SharedInput | None") -> torch.Tensor:
-        rows = state.rows(x.shape[0], x.device)
-        if rows.all_zero and not (self.stack.down.requires_grad or self.stack.up.requires_grad):
-            return self.base(x)
-        if self._use_merged(rows):
-            if rows.uniform:
-                return self._base_forward(x, self.merged_weight(rows.key, rows.gates[0]))
-            return self._grouped_merged_forward(x, rows.gates)
-        backend = resolve_backend(self.config.backend, x.device)
-        if shared is not None and backend == "triton":
-            return shared.forward_all(self, x, rows.gates, state)
-        return self._gated_forward(x, rows.gates, backend)
+    def _eager_forward(self, x: torch.Tensor, state: GateState, mode: str, shared: "SharedInput | None"):
+        if mode == "merged":
+            return self._base_forward(x, self.merged_weight)
+        if mode == "grouped":
+            return self._grouped_merged_forward(x, state)
+        gates = state.row_gates[: x.shape[0]]
+        if shared is not None and state.backend == "triton":
+            return shared.forward_all(self, x, gates, state)
+        return self._gated_forward(x, gates, state.backend)
 
-    def _grouped_merged_forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    def _grouped_merged_forward(self, x: torch.Tensor, state: GateState) -> torch.Tensor:
         """strategy='merged' on a batch with several gate vectors: one merged weight per distinct
-        vector, each applied to its own rows."""
-        unique, inverse = torch.unique(gates, dim=0, return_inverse=True)
+        vector (formed once per call), each applied to its own rows."""
+        inverse, vectors = state.groups
+        cache = state.reuse.setdefault(("grouped", id(self)), {})
+        rows = inverse.repeat(x.shape[0] // inverse.shape[0]).to(x.device)  # [N] group of each row
         out = None
-        for i in range(unique.shape[0]):
-            idx = (inverse == i).nonzero().flatten()
-            g = unique[i]
-            y = self._base_forward(x[idx], self.merged_weight(tuple(g.tolist()), g))
+        for i in range(vectors.shape[0]):
+            idx = (rows == i).nonzero().flatten()
+            if i not in cache:
+                g = torch.zeros(self.spm_scale.shape[0])
+                g[: vectors.shape[1]] = vectors[i]
+                cache[i] = self._merge(g.to(x.device))
+            y = self._base_forward(x[idx], cache[i])
             if out is None:
                 out = y.new_empty((x.shape[0],) + y.shape[1:])
             out[idx] = y
@@ -155,29 +224,30 @@ class SPMLayer(nn.Module):
     _gated_op = None  # the functional op of the subclass (gated_linear / gated_conv1x1)
 
     def _gated_forward(self, x, gates, backend):
-        s = self.stack
-        return self._gated_op(x, self.base.weight, self.base.bias, s.down, s.up, s.scale, gates,
-                              self.config.combine, s.rank, backend)
+        down, up = self._factors or (self.spm_down, self.spm_up)
+        return self._gated_op(x, self.weight, self.bias, down, up, self.spm_scale, gates,
+                              self.config.combine, self.rank, backend)
 
     def extra_repr(self) -> str:
-        s = self.stack
-        return f"spms={s.num_spms}, rank={s.rank}, combine={self.config.combine}, strategy={self.config.strategy}"
+        return (f"slots={self.spm_scale.shape[0]}, rank={self.rank}, combine={self.config.combine}, "
+                f"strategy={self.config.strategy}")
 
 
 class SPMLinear(SPMLayer):
     """An ``nn.Linear`` with K stacked SPMs."""
 
     def _base_forward(self, x, weight):
-        return F.linear(x, weight, self.base.bias)
+        return F.linear(x, weight, self.bias)
 
     _gated_op = staticmethod(gated_linear)
 
 
 class SPMConv1x1(SPMLayer):
-    """A 1x1 ``nn.Conv2d`` (SD1.x ``proj_in``/``proj_out``) with K stacked SPMs."""
+    """A 1x1 ``nn.Conv2d`` (SD1.x ``proj_in``/``proj_out``) with K stacked SPMs (stride 1, no
+    padding or dilation: checked at patch time)."""
 
     def _base_forward(self, x, weight):
-        return F.conv2d(x, weight, self.base.bias)
+        return F.conv2d(x, weight, self.bias)
 
     _gated_op = staticmethod(gated_conv1x1)
 
@@ -196,10 +266,9 @@ class SharedInput:
     @staticmethod
     def compatible(members: list[SPMLayer]) -> bool:
         first = members[0]
-        return all(isinstance(m, SPMLinear) and m.base.weight.shape == first.base.weight.shape
-                   and m.base.weight.dtype == first.base.weight.dtype
-                   and m.base.weight.device == first.base.weight.device
-                   and m.stack.down.shape == first.stack.down.shape and m.stack.rank == first.stack.rank
+        return all(isinstance(m, SPMLinear) and m.weight.shape == first.weight.shape
+                   and m.weight.dtype == first.weight.dtype and m.weight.device == first.weight.device
+                   and m.spm_down.shape == first.spm_down.shape and m.rank == first.rank
                    for m in members)
 
     def invalidate(self) -> None:
@@ -207,30 +276,29 @@ class SharedInput:
 
     def concatenated(self) -> tuple:
         """(weight [G*out, in], bias [G*out] | None, down [G*K*r, in], up [G*out, K*r], scale [G*K]):
-        built on first use by the grouped kernel (a copy of the members' weights, freed by remove())."""
-        if self._cat is None:
-            ms = self.members
-            biases = [m.base.bias for m in ms]
+        built on first use by the grouped kernel (a copy of the members' weights, freed by remove()),
+        rebuilt when a member's weight or SPMs changed."""
+        ms = self.members
+        ident = tuple((m._weight_id(), m.spm_down.data_ptr(), m.spm_down._version) for m in ms)
+        if self._cat is None or self._cat[0] != ident:
+            biases = [m.bias for m in ms]
             bias = None if all(b is None for b in biases) else torch.cat(
-                [b if b is not None else m.base.weight.new_zeros(m.base.weight.shape[0]) for b, m in zip(biases, ms)])
-            self._cat = (torch.cat([m.base.weight for m in ms]), bias, torch.cat([m.stack.down for m in ms]),
-                         torch.cat([m.stack.up for m in ms]), torch.cat([m.stack.scale for m in ms]))
-        return self._cat
+                [b if b is not None else m.weight.new_zeros(m.weight.shape[0]) for b, m in zip(biases, ms)])
+            self._cat = (ident, (torch.cat([m.weight for m in ms]), bias, torch.cat([m.spm_down for m in ms]),
+                                 torch.cat([m.spm_up for m in ms]), torch.cat([m.spm_scale for m in ms])))
+        return self._cat[1]
 
-    def forward_all(self, caller: SPMLayer, x: torch.Tensor, gates: torch.Tensor,
-                    state: gating.GateState) -> torch.Tensor:
+    def forward_all(self, caller: SPMLayer, x: torch.Tensor, gates: torch.Tensor, state: GateState) -> torch.Tensor:
         """One grouped Triton launch for every member; the others' outputs wait in ``state``."""
-        from spm_rt.kernels import gated_linear as kernels
+        from spm_rt.functional import grouped_gated_linear
 
         weight, bias, down, up, scale = self.concatenated()
         g = len(self.members)
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [M, in]
-        y = kernels.gated_spm_linear_triton(x2, weight, bias, down, up, scale, gates, x2.shape[0] // x.shape[0],
-                                            caller.config.combine, caller.stack.rank, groups=g)  # [M, G*out]
+        y = grouped_gated_linear(x, weight, bias, down, up, scale, gates, caller.config.combine, caller.rank, g)
         n = weight.shape[0] // g
-        outs = [y[:, i * n:(i + 1) * n].view(*x.shape[:-1], n) for i in range(g)]
         mine = None
-        for member, out in zip(self.members, outs):
+        for i, member in enumerate(self.members):
+            out = y[..., i * n:(i + 1) * n]
             if member is caller:
                 mine = out
             else:
@@ -253,12 +321,15 @@ def attention_groups(unet: nn.Module, layers: dict[str, SPMLayer]) -> list[Share
     return groups
 
 
-def wrap(module: nn.Module, stack: Stack, config: LayerConfig) -> SPMLayer:
+def wrap(path: str, module: nn.Module, stack: Stack, config: LayerConfig, state: GateState) -> SPMLayer:
     if isinstance(module, nn.Conv2d):
-        return SPMConv1x1(module, stack, config)
+        if module.stride != (1, 1) or module.padding not in ((0, 0), 0, "valid") or module.dilation != (1, 1):
+            raise SPMFormatError(f"{path}: only 1x1 Conv2d layers with stride 1 and no padding/dilation can carry "
+                                 f"an SPM, got {module}")
+        return SPMConv1x1(module, stack, config, state, path)
     if isinstance(module, nn.Linear):
-        return SPMLinear(module, stack, config)
-    raise TypeError(f"cannot adapt {type(module).__name__}")
+        return SPMLinear(module, stack, config, state, path)
+    raise TypeError(f"{path}: cannot adapt {type(module).__name__}")
 
 
 def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -267,14 +338,20 @@ def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
 
 
 def patch(unet: nn.Module, stacks: dict[str, Stack], config: LayerConfig) -> dict[str, SPMLayer]:
-    """Replace every module in ``stacks`` by its adapted layer (all or nothing)."""
+    """Replace every module in ``stacks`` by its adapted layer (all or nothing); the UNet gets one
+    :class:`GateState` (``unet._spm_rt_state``) shared by the layers."""
     from spm_rt.formats import adapted_modules
 
+    if unet.__dict__.get("_spm_rt_state") is not None:
+        raise RuntimeError(f"{type(unet).__name__} is already patched by spm_rt (call remove() first)")
     modules = adapted_modules(unet)
     missing = [p for p in stacks if p not in modules]
     if missing:
         raise KeyError(f"no adapted module at {missing[:3]}")
-    layers = {path: wrap(modules[path], stack, config) for path, stack in stacks.items()}
+    first = next(iter(stacks.values()))
+    state = GateState(first.num_spms, device=first.down.device)
+    state.config = config
+    layers = {path: wrap(path, modules[path], stack, config, state) for path, stack in stacks.items()}
     done = []
     try:
         for path, layer in layers.items():
@@ -286,16 +363,25 @@ def patch(unet: nn.Module, stacks: dict[str, Stack], config: LayerConfig) -> dic
     except BaseException:
         unpatch(unet, {p: layers[p] for p in done})
         raise
+    state.layers = layers
+    unet.__dict__["_spm_rt_state"] = state  # plain attribute: not a submodule of the UNet itself
     attention_groups(unet, layers)
     return layers
 
 
 def unpatch(unet: nn.Module, layers: dict[str, SPMLayer]) -> None:
-    """Put the original modules back (the same objects: bit-exact)."""
+    """Put the original modules back (the same objects, holding the layers' current parameter
+    objects: bit-exact)."""
     for path, layer in layers.items():
         parent, name = _parent(unet, path)
+        base = layer.base
+        # follow parameter objects replaced while patched (e.g. by offload hooks)
+        base._parameters["weight"] = layer._parameters["weight"]
+        if "bias" in base._parameters:
+            base._parameters["bias"] = layer._parameters["bias"]
         if getattr(parent, name) is layer:
-            setattr(parent, name, layer.base)
-        layer.clear_cache()
+            setattr(parent, name, base)
+        layer.release_merged()
         if layer.shared is not None:
             layer.shared.invalidate()
+    unet.__dict__.pop("_spm_rt_state", None)

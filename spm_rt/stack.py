@@ -55,17 +55,34 @@ def stack_module(module: nn.Module, per_spm: list[ModuleWeights | None], rank: i
     return Stack(down, up, scale, rank)
 
 
-def build_stacks(unet: nn.Module, spms: list[SPM]) -> dict[str, Stack]:
-    """Validate ``spms`` against ``unet`` and stack them per adapted module.
+def stack_spms(modules: dict[str, nn.Module], spms: list[SPM], k_max: int | None = None,
+               rank: int | None = None) -> dict[str, Stack]:
+    """Validate ``spms`` against ``modules`` (path -> Linear / 1x1 Conv2d, or anything with a
+    ``weight`` of the right shape) and stack them per module, with K padded to ``k_max`` and r to
+    ``rank`` (zero rows, zero scale: padding slots have no effect whatever their gate).
 
-    Validation happens for every SPM before anything is built, so a bad SPM raises
-    :class:`SPMFormatError` without side effects.
+    The one padding rule for every consumer (runtime capacity, ONNX export). Every SPM is
+    validated before anything is built, so a bad SPM raises :class:`SPMFormatError` without side
+    effects.
     """
     if not spms:
         raise SPMFormatError("no SPMs given")
+    k_max = len(spms) if k_max is None else int(k_max)
+    if len(spms) > k_max:
+        raise ValueError(f"{len(spms)} SPMs do not fit k_max={k_max}")
+    resolved = [resolve(spm, modules) for spm in spms]
+    need = max(max((w.rank for w in r.values()), default=1) for r in resolved)
+    rank = need if rank is None else int(rank)
+    if need > rank:
+        raise ValueError(f"SPM rank {need} exceeds the stacked rank {rank}")
+    pad = [None] * (k_max - len(spms))
+    return {path: stack_module(mod, [r.get(path) for r in resolved] + pad, rank) for path, mod in modules.items()}
+
+
+def build_stacks(unet: nn.Module, spms: list[SPM], k_max: int | None = None,
+                 rank: int | None = None) -> dict[str, Stack]:
+    """:func:`stack_spms` over every adapted module of ``unet``."""
     modules = adapted_modules(unet)
     if not modules:
         raise SPMFormatError(f"{type(unet).__name__} has no Transformer2DModel with Linear/Conv2d layers to adapt")
-    resolved = [resolve(spm, modules) for spm in spms]
-    rank = max(max(w.rank for w in r.values()) for r in resolved)
-    return {path: stack_module(mod, [r.get(path) for r in resolved], rank) for path, mod in modules.items()}
+    return stack_spms(modules, spms, k_max, rank)

@@ -54,7 +54,7 @@ def test_combine_modes_per_sample_match_dense_math(pipe, combine, strategy):
                               for b in range(len(GATES))])
         base = pipe.unet(sample, t, emb).sample
         rt = spm_rt.compile(pipe, spms, combine=combine, strategy=strategy, transport="fixed")
-        with use_gates(GATES):
+        with use_gates(rt, GATES):
             got = pipe.unet(sample, t, emb).sample
     assert (expected - base).abs().max() > 1e-2  # the SPMs really change the output
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
@@ -69,7 +69,7 @@ def test_official_has_cross_terms_and_quadratic_gate(pipe):
         lin = dense_unet(pipe.unet, spms, g[0], "linear")(sample, t, emb).sample
         off = dense_unet(pipe.unet, spms, g[0], "official")(sample, t, emb).sample
         rt = spm_rt.compile(pipe, spms, combine="official", transport="fixed")
-        with use_gates(g):
+        with use_gates(rt, g):
             got = pipe.unet(sample, t, emb).sample
         rt.remove()
     assert (lin - off).abs().max() > 1e-3
@@ -78,7 +78,7 @@ def test_official_has_cross_terms_and_quadratic_gate(pipe):
     one = [spms[0]]
     with torch.no_grad():
         rt = spm_rt.compile(pipe, one, combine="official", transport="fixed")
-        with use_gates(torch.tensor([[0.5]])):
+        with use_gates(rt, torch.tensor([[0.5]])):
             off_half = pipe.unet(sample, t, emb).sample
         rt.remove()
         lin_quarter = dense_unet(pipe.unet, one, torch.tensor([0.25]), "linear")(sample, t, emb).sample
@@ -95,7 +95,7 @@ def test_merged_equals_gated(pipe, combine):
     with torch.no_grad():
         for strategy in ("merged", "gated", "auto"):
             rt.layer_config.strategy = strategy
-            with use_gates(g):
+            with use_gates(rt, g):
                 outs[strategy] = pipe.unet(sample, t, emb).sample
     torch.testing.assert_close(outs["merged"], outs["gated"], rtol=1e-5, atol=1e-5)
     assert torch.equal(outs["auto"], outs["merged"])  # auto merges when all rows share gates
@@ -259,7 +259,7 @@ def test_single_spm_equals_diffusers_load_lora_weights(pipe, spm_files):
         expected = ref_pipe.unet(sample, t, emb).sample
         base = pipe.unet(sample, t, emb).sample
         rt = spm_rt.compile(pipe, [spm_files[1]])
-        with use_gates(torch.ones(1, 1)):
+        with use_gates(rt, torch.ones(1, 1)):
             got = pipe.unet(sample, t, emb).sample
     assert (expected - base).abs().max() > 1e-2
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
@@ -310,7 +310,7 @@ def test_sdxl_end_to_end(tmp_path):
     added = {"text_embeds": torch.randn(2, 32), "time_ids": torch.randn(2, 6)}
     gates = torch.tensor([[1.0, 0.3], [0.0, 0.8]])
     with torch.no_grad():
-        with use_gates(gates):
+        with use_gates(rt, gates):
             out = pipe.unet(sample, t, emb, added_cond_kwargs=added).sample
         rt.remove()
         for b in range(2):
@@ -346,7 +346,7 @@ def test_sixty_four_spms(pipe):
     gates = torch.rand(2, 64, generator=torch.Generator().manual_seed(0))
     rt = spm_rt.compile(pipe, spms, transport="fixed")
     assert next(iter(rt.layers.values())).stack.down.shape[0] == 64
-    with torch.no_grad(), use_gates(gates):
+    with torch.no_grad(), use_gates(rt, gates):
         got = pipe.unet(sample, t, emb).sample
     rt.remove()
     with torch.no_grad():

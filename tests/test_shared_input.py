@@ -15,28 +15,30 @@ def pipe():
 
 
 def _count_computes(rt):
-    """Wrap every adapted layer's _forward (the actual computation, after any reuse) to count calls."""
+    """Wrap every adapted layer's eager computation (after any reuse) to count calls."""
     counts = {}
     for path, layer in rt.layers.items():
         counts[path] = 0
 
-        def counted(x, state, shared, _orig=layer._forward, _path=path):
+        def counted(*args, _orig=layer._eager_forward, _path=path):
             counts[_path] += 1
-            return _orig(x, state, shared)
+            return _orig(*args)
 
-        layer._forward = counted
+        layer._eager_forward = counted
     return counts
 
 
-@pytest.mark.parametrize("strategy", ["gated", "merged"])
-def test_cross_attention_kv_computed_once_per_generation(pipe, strategy):
+@pytest.mark.parametrize("strategy, gates", [("gated", [[1.0, 0.3], [0.0, 0.8]]),  # gated branch
+                                             ("merged", [[1.0, 0.3], [0.0, 0.8]]),  # one merged copy per prompt
+                                             ("auto", [1.0, 0.3])])  # uniform: the merged buffer
+def test_cross_attention_kv_computed_once_per_generation(pipe, strategy, gates):
     spms = [random_spm(pipe.unet, c, seed=i) for i, c in enumerate(["a", "b"])]
     kwargs = dict(num_inference_steps=3, guidance_scale=4.0, output_type="pt")
     images = {}
     for reuse in (True, False):
         rt = spm_rt.compile(pipe, spms, transport="fixed", strategy=strategy, reuse_cross_kv=reuse)
         counts = _count_computes(rt)
-        images[reuse] = rt(["x", "y"], gates=[[1.0, 0.3], [0.0, 0.8]],
+        images[reuse] = rt(["x", "y"], gates=gates,
                            generator=torch.Generator().manual_seed(0), **kwargs).images
         rt.remove()
         cross_kv = [p for p in counts if ".attn2.to_k" in p or ".attn2.to_v" in p]
@@ -54,18 +56,18 @@ def test_reuse_sees_a_new_call_and_in_place_changes(pipe):
     sample = torch.randn(1, 4, 32, 32, generator=g)
     emb = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=g)
     with torch.no_grad():
-        with use_gates(torch.tensor([[1.0]])):
+        with use_gates(rt, torch.tensor([[1.0]])):
             first = pipe.unet(sample, 10, emb).sample
             emb.mul_(2.0)  # in place: the kept k/v no longer match this tensor
             changed = pipe.unet(sample, 10, emb).sample
-        with use_gates(torch.tensor([[0.5]])):  # a new call with other gates: nothing carried over
+        with use_gates(rt, torch.tensor([[0.5]])):  # a new call with other gates: nothing carried over
             half = pipe.unet(sample, 10, emb).sample
     rt.remove()
     rt = spm_rt.compile(pipe, [spm], transport="fixed", strategy="gated", reuse_cross_kv=False)
     with torch.no_grad():
-        with use_gates(torch.tensor([[1.0]])):
+        with use_gates(rt, torch.tensor([[1.0]])):
             expect_changed = pipe.unet(sample, 10, emb).sample
-        with use_gates(torch.tensor([[0.5]])):
+        with use_gates(rt, torch.tensor([[0.5]])):
             expect_half = pipe.unet(sample, 10, emb).sample
     rt.remove()
     assert not torch.equal(first, changed)
@@ -83,7 +85,7 @@ def test_attention_groups_and_training_bypass(pipe):
     # with gradients needed nothing is reused: every call computes (and so back-propagates)
     layer = next(l for p, l in rt.layers.items() if p.endswith(".attn2.to_k"))
     x = torch.randn(1, 77, layer.base.in_features, requires_grad=True)
-    with use_gates(torch.tensor([[1.0]])):
+    with use_gates(rt, torch.tensor([[1.0]])):
         a = layer(x)
         b = layer(x)
     assert a is not b
@@ -92,3 +94,4 @@ def test_attention_groups_and_training_bypass(pipe):
     members = [m for g in groups.values() for m in g.members]
     rt.remove()
     assert all(isinstance(m, SPMLayer) and m.shared._cat is None for m in members)  # no copies kept
+    assert all(m.merged_weight is None for m in members)  # merged buffers released too

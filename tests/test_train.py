@@ -86,7 +86,7 @@ def test_saved_file_round_trips_through_load_spm_and_diffusers(short_run):
         base = pipe.unet(sample, t, emb).sample
         expected = ref.unet(sample, t, emb).sample
         rt = spm_rt.compile(pipe, [short_run.path], transport="fixed")
-        with use_gates(torch.ones(1, 1)):
+        with use_gates(rt, torch.ones(1, 1)):
             got = pipe.unet(sample, t, emb).sample
     rt.remove()
     assert (expected - base).abs().max() > 1e-4  # the trained membrane changes the output

@@ -111,16 +111,13 @@ class TrainableSPM:
     def refresh(self) -> None:
         """Point every layer's stack at the parameters (a differentiable cast when the UNet is not
         fp32; called once per iteration, since the cast is part of that iteration's graph)."""
-        from spm_rt.stack import Stack
-
         for path, layer in self.layers.items():
-            dtype = layer.base.weight.dtype
-            old = layer.stack
-            layer.set_stack(Stack(self.down[path].to(dtype), self.up[path].to(dtype), old.scale, old.rank))
+            dtype = layer.weight.dtype
+            layer.set_factors(self.down[path].to(dtype), self.up[path].to(dtype))
 
     def on(self):
         """Context: the membrane is open (gate 1 on every UNet row)."""
-        return use_gates(torch.ones(1, 1))
+        return use_gates(self.unet, torch.ones(1, 1))
 
     def to_spm(self, dtype: torch.dtype | None = None) -> SPM:
         """A detached copy of the current weights as an :class:`~spm_rt.SPM`."""

@@ -1,0 +1,224 @@
+"""Graph-ready runtime: SPM tensors, gates and merged weights are module state, so a patched UNet
+compiles with ``fullgraph=True`` and never recompiles for new prompts, gates or SPM sets.
+
+Most compiled checks use dynamo with the ``aot_eager`` backend (the same tracing, functionalization
+and guards as inductor, without inductor's minutes of C++ code generation on 2 cores); one test
+runs inductor itself.
+"""
+import copy
+import threading
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import spm_rt
+from spm_rt import use_gates
+from spm_rt.testing import random_spm, tiny_pipeline
+from test_runtime import dense_unet, unet_inputs
+
+PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow circle", "a red square"]
+
+
+def _gen(rt, prompts, seed=0, steps=2, **kw):
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    return rt(prompts, generator=gens, num_inference_steps=steps, output_type="np", **kw).images
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compiled_unet_has_no_graph_break_and_no_recompiles(spm_files):
+    eager = spm_rt.compile(tiny_pipeline(0), spm_files[:2], k_max=3)
+    rt = spm_rt.compile(tiny_pipeline(0), spm_files[:2], k_max=3)
+    counter = CompileCounterWithBackend("aot_eager")
+    rt.compile_unet(backend=counter)  # fullgraph=True: any graph break raises
+    calls = [(PROMPTS[i:i + 1], {}) for i in range(5)]  # 5 prompts, Facilitated Transport gates (merged)
+    calls += [(PROMPTS[:2], {}), (PROMPTS[2:4], {})]  # mixed batches (gated)
+    calls += [(PROMPTS[:2], {"gates": [[1.0, 0.0], [0.3, 0.7]]}), (PROMPTS[:1], {"gates": [0.5, 0.2]}),
+              (PROMPTS[:2], {"gates": [0.9, 0.4]})]  # explicit gates, uniform over a 2-prompt batch (merged)
+    modes = set()
+    for i, (prompts, kw) in enumerate(calls):
+        want = _gen(eager, prompts, i, **kw)
+        got = _gen(rt, prompts, i, **kw)
+        np.testing.assert_allclose(got, want, atol=1e-4)
+        modes.add(_mode_of(eager, prompts, kw))
+    assert modes == {"merged", "gated"}  # both paths were exercised
+    base = _gen(tiny_pipeline(0), PROMPTS[:2], 0)
+    assert np.abs(_gen(rt, PROMPTS[:2], 0) - base).max() > 1e-3  # the SPMs act
+
+    # set_spms within k_max: same storage, no recompile, same images as a fresh compile of the new set
+    layer = next(iter(rt.layers.values()))
+    ptrs = (layer.spm_down.data_ptr(), layer.spm_up.data_ptr(), rt._state.row_gates.data_ptr())
+    rt.set_spms(spm_files)  # 3 SPMs into 3 slots
+    assert (layer.spm_down.data_ptr(), layer.spm_up.data_ptr(), rt._state.row_gates.data_ptr()) == ptrs
+    fresh = spm_rt.compile(tiny_pipeline(0), spm_files)
+    for i, prompts in enumerate((PROMPTS[:1], PROMPTS[:2])):
+        np.testing.assert_allclose(_gen(rt, prompts, 10 + i), _gen(fresh, prompts, 10 + i), atol=1e-4)
+    batch_shapes = 2  # 1 prompt (2 UNet rows with CFG) and 2 prompts (4 rows)
+    assert counter.frame_count <= 2 * batch_shapes, counter.frame_count
+
+
+def _mode_of(rt, prompts, kw):
+    g = torch.as_tensor(kw["gates"]) if "gates" in kw else rt.gates(prompts)
+    g = g if g.dim() == 2 else g[None].expand(len(prompts), -1)
+    return "merged" if bool((g == g[:1]).all()) else "gated"
+
+
+def test_inductor_fullgraph_matches_eager(spm_files):
+    rt = spm_rt.compile(tiny_pipeline(0), spm_files[:2])
+    want = _gen(rt, PROMPTS[:2], 3)  # distinct gates: the gated branch
+    rt.compile_unet()  # inductor, fullgraph=True
+    got = _gen(rt, PROMPTS[:2], 3)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    got2 = _gen(rt, PROMPTS[2:4], 5)  # other prompts, same graph
+    rt.pipe.unet = rt.pipe.unet._orig_mod
+    np.testing.assert_allclose(got2, _gen(rt, PROMPTS[2:4], 5), atol=1e-4)
+
+
+def test_inference_mode_eager_and_compiled(spm_files):
+    rt = spm_rt.compile(tiny_pipeline(0), spm_files[:2])
+    for prompts in (PROMPTS[:1], PROMPTS[:2]):
+        want = _gen(rt, prompts, 1)
+        with torch.inference_mode():
+            np.testing.assert_array_equal(_gen(rt, prompts, 1), want)
+    rt.compile_unet(backend="aot_eager")
+    with torch.inference_mode():
+        for prompts in (PROMPTS[:1], PROMPTS[:2]):
+            np.testing.assert_allclose(_gen(rt, prompts, 1), _gen(rt, prompts, 1), atol=0)
+
+
+@pytest.mark.parametrize("gates", [[[0.7, 0.4], [0.7, 0.4]], [[1.0, 0.3], [0.2, 0.9]]], ids=["merged", "gated"])
+def test_to_float64_after_compile_matches_dense_math(gates):
+    pipe = tiny_pipeline(0)
+    spms = [random_spm(pipe.unet, c, seed=i, alpha=1.0 + i) for i, c in enumerate(["a", "b"])]
+    rt = spm_rt.compile(pipe, spms, transport="fixed")
+    _gen(rt, ["x"], steps=1)  # merged weights formed in float32 first: they must not go stale
+    pipe.to(torch.float64)
+    layer = next(iter(rt.layers.values()))
+    assert layer.spm_down.dtype == torch.float64 and layer.spm_scale.dtype == torch.float32
+    assert rt._state.row_gates.dtype == torch.float32
+    reference = tiny_pipeline(0).to(torch.float64)
+    sample, t, emb = (a.double() if a.is_floating_point() else a for a in unet_inputs(pipe, 2))
+    g = torch.tensor(gates)
+    with torch.no_grad():
+        with use_gates(rt, g):
+            got = pipe.unet(sample, t, emb).sample
+        want = torch.cat([dense_unet(reference.unet, spms, g[b], "linear")(sample[b:b + 1], t, emb[b:b + 1]).sample
+                          for b in range(2)])
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_bfloat16_after_compile_runs_and_remerges(spm_files):
+    pipe = tiny_pipeline(0)
+    rt = spm_rt.compile(pipe, spm_files[:2])
+    _gen(rt, PROMPTS[:1])
+    layer = next(iter(rt.layers.values()))
+    pipe.to(torch.bfloat16)
+    for prompts in (PROMPTS[:1], PROMPTS[:2]):  # merged, gated
+        out = _gen(rt, prompts)
+        assert np.isfinite(out).all()
+    assert layer.merged_weight.dtype == torch.bfloat16 and layer.spm_up.dtype == torch.bfloat16
+    w = layer.weight.float()
+    fresh = layer._merge(rt._state.row_gates[0].cpu()).float()  # what the merge gives from the bf16 weight now
+    assert torch.equal(layer.merged_weight.float(), fresh.to(torch.bfloat16).float())
+    assert not torch.equal(layer.merged_weight.float(), w)
+
+
+def test_deepcopy_gives_an_independent_working_copy(spm_files):
+    pipe = tiny_pipeline(0)
+    rt = spm_rt.compile(pipe, spm_files[:2])
+    before = _gen(rt, PROMPTS[:2], 4)
+    pipe2 = copy.deepcopy(pipe)
+    rt2 = pipe2._spm_rt
+    assert rt2.pipe is pipe2 and rt2 is not rt
+    assert all(l2 is not l1 for l1, l2 in zip(rt.layers.values(), rt2.layers.values()))
+    np.testing.assert_array_equal(_gen(rt2, PROMPTS[:2], 4), before)
+    rt2.set_spms(spm_files[1:3])
+    assert not np.array_equal(_gen(rt2, PROMPTS[:2], 4), before)
+    np.testing.assert_array_equal(_gen(rt, PROMPTS[:2], 4), before)  # the original is untouched
+    rt2.remove()
+    np.testing.assert_array_equal(_gen(rt, PROMPTS[:2], 4), before)
+
+
+def test_state_dict_keys_and_tensors_unchanged_while_patched(spm_files):
+    pipe = tiny_pipeline(0)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    rt = spm_rt.compile(pipe, spm_files)
+    _gen(rt, PROMPTS[:1])  # merged buffers exist now
+    after = pipe.unet.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    # and a state dict loads back into the patched UNet (same keys)
+    pipe.unet.load_state_dict(before)
+
+
+def test_set_spms_waits_for_a_running_call(spm_files):
+    rt = spm_rt.compile(tiny_pipeline(0), spm_files[:1], transport="fixed")
+    want_old = _gen(rt, ["a red circle"], 7, steps=3)
+    started = threading.Event()
+    results = []
+
+    def slow_step(pipe, i, t, kwargs):
+        if i == 0:
+            started.set()
+            time.sleep(0.5)  # set_spms is called meanwhile from the main thread
+        return kwargs
+
+    th = threading.Thread(target=lambda: results.append(_gen(rt, ["a red circle"], 7, steps=3,
+                                                             callback_on_step_end=slow_step)))
+    th.start()
+    assert started.wait(60)
+    t0 = time.perf_counter()
+    rt.set_spms(spm_files[1:2])
+    waited = time.perf_counter() - t0
+    th.join()
+    np.testing.assert_array_equal(results[0], want_old)  # the running call kept the old SPMs throughout
+    assert waited > 0.2  # set_spms blocked until the call ended
+    fresh = spm_rt.compile(tiny_pipeline(0), spm_files[1:2], transport="fixed")
+    np.testing.assert_array_equal(_gen(rt, ["a red circle"], 7, steps=3), _gen(fresh, ["a red circle"], 7, steps=3))
+
+
+def test_k_max_overflow_reallocates_with_a_warning(spm_files):
+    rt = spm_rt.compile(tiny_pipeline(0), spm_files[:1])
+    assert rt.k_max == 1
+    layer = next(iter(rt.layers.values()))
+    ptr = layer.spm_down.data_ptr()
+    with pytest.warns(UserWarning, match="compiled graphs will be rebuilt"):
+        rt.set_spms(spm_files)
+    assert rt.k_max == 3 and layer.spm_down.data_ptr() != ptr
+    fresh = spm_rt.compile(tiny_pipeline(0), spm_files)
+    np.testing.assert_allclose(_gen(rt, PROMPTS[:2]), _gen(fresh, PROMPTS[:2]), atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rt.set_spms(spm_files[:2])  # fits the 3 slots: in place, no warning
+    assert rt.k_max == 3
+    np.testing.assert_allclose(_gen(rt, PROMPTS[:2]), _gen(spm_rt.compile(tiny_pipeline(0), spm_files[:2]),
+                                                            PROMPTS[:2]), atol=1e-6)
+
+
+def test_merge_happens_once_per_call_not_per_step(spm_files):
+    rt = spm_rt.compile(tiny_pipeline(0), spm_files)
+    merges = []
+    for layer in rt.layers.values():
+        orig = layer._merge
+
+        def counted(g, _orig=orig):
+            merges.append(1)
+            return _orig(g)
+
+        layer._merge = counted
+    n = len(rt.layers)
+    for i, p in enumerate(PROMPTS[:3]):  # three distinct gate vectors, 4 steps each
+        _gen(rt, [p], steps=4)
+        assert len(merges) == (i + 1) * n
+    _gen(rt, [PROMPTS[2]], steps=4)  # the gate vector the buffers already hold: no merge
+    assert len(merges) == 3 * n
