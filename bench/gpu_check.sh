@@ -28,7 +28,7 @@ ln -s "$repo/kernels" "$shim/spm_rt/kernels"
 export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
 
 # from inside the shim dir, so that the caller's working directory cannot put the real spm_rt first
-(cd "$shim" && python - <<'PY'
+(cd "$shim" && python3 - <<'PY'
 import torch, triton
 import spm_rt, spm_rt.kernels.gated_linear as gl
 assert spm_rt.__file__.startswith(__import__("os").getcwd()), f"spm_rt resolved to {spm_rt.__file__}, not the shim"
@@ -38,7 +38,25 @@ PY
 )
 
 cd "$repo"
-python bench/bench_kernels.py --json "$json" "$@"
+python3 bench/bench_kernels.py --json "$json" "$@"
+
+# --- whole SD1.5 generations, eager vs CUDA-graphed base vs graphed erased (bench/gpu_compiled.py) ---
+# Needs the whole spm_rt package and diffusers (carry its wheel: device README "Notes"); a second
+# shim links every room of the package (spm_rt/, kernels/ -> spm_rt.kernels, export/ -> spm_rt.export).
+# SPM_SKIP_COMPILED=1 skips it; SPM_COMPILED_TIMEOUT (default 300 s) bounds it.
+if [ "${SPM_SKIP_COMPILED:-0}" != 1 ]; then
+  full="$shim/full"
+  mkdir -p "$full/spm_rt"
+  for f in "$repo"/spm_rt/*; do ln -s "$f" "$full/spm_rt/$(basename "$f")"; done
+  ln -s "$repo/kernels" "$full/spm_rt/kernels"
+  ln -s "$repo/export" "$full/spm_rt/export"
+  if (cd "$full" && PYTHONPATH="$full" python3 -c "import diffusers, spm_rt" 2>/dev/null); then
+    (cd "$full" && PYTHONPATH="$full" timeout "${SPM_COMPILED_TIMEOUT:-300}" python3 "$repo/bench/gpu_compiled.py" \
+       --json "$out_dir/compiled-$(date -u +%Y%m%dT%H%M%SZ).json") || echo "compiled generations: FAILED or timed out"
+  else
+    echo "compiled generations: SKIPPED (diffusers or spm_rt not importable: carry the diffusers wheel)"
+  fi
+fi
 
 # --- native library (libspm_kernels): the GPU ctest + native vs Triton JIT at one SD1.5 shape ---
 # Guarded: SPM_SKIP_NATIVE=1 skips it. Uses $SPM_KERNELS_LIB or build/libspm_kernels.so when present

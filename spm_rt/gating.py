@@ -48,6 +48,7 @@ class GateState(nn.Module):
         super().__init__()
         self.register_buffer("row_gates", torch.zeros(_MIN_CAPACITY, k_max, device=device), persistent=False)
         self.mode = "off"
+        self.last_mode = "off"
         self.period = 1  # R: row i carries the gates of prompt-image i % R
         self.backend = "torch"  # resolved per call for the UNet's device (spm_rt.functional)
         self.groups: tuple | None = None  # mode "grouped": (row -> group index [R], gate vectors [G, K])
@@ -139,6 +140,7 @@ class GateState(nn.Module):
         self.mode = mode
 
     def end(self) -> None:
+        self.last_mode = self.mode  # for reports (benchmarks record the path a call took)
         self.mode = "off"
         self.reuse = {}
         self.groups = None
