@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Kernel correctness + timing on a GPU machine (under 8 minutes on an H200).
 #
-# Runs bench/bench_kernels.py: forward/backward against a float64 reference at SD1.5 sizes, then
-# do_bench timings of bare GEMM / torch_unfused / torch_concat / triton. Writes the JSON into $OUT
-# when set (the device machine's return folder), else bench/results/, and prints a short table
-# last. Exit status: 0 ok (or no GPU: skipped with a message), 1 a correctness check failed.
+# Runs bench/bench_kernels.py (its docstring has the details): every SD1.5 (512 px) and SDXL
+# (1024 px) adapted-layer shape, count-weighted per UNet step, checked against a float64 reference
+# and then timed with CUDA graphs (warm L2) and after an L2 flush (cold): Triton kernel vs bare
+# cuBLAS/cuDNN, per-sample merged weights (one batched GEMM), torch concat and torch unfused.
+# Kernel part bounded by SPM_KERNEL_BUDGET_S (default 240 s: sections past it are listed as skipped
+# in the JSON). Writes the JSON into $OUT when set (the device machine's return folder), else
+# bench/results/, and prints its short table. Exit status: 0 ok (or no GPU: skipped with a
+# message), 1 a correctness check failed.
 #
 # Import path: the package maps spm_rt.kernels to the kernels/ folder (setuptools package-dir), so
 # a plain checkout has no importable spm_rt.kernels, and `import spm_rt` would run spm_rt/__init__,
@@ -38,7 +42,9 @@ PY
 )
 
 cd "$repo"
-python3 bench/bench_kernels.py --json "$json" "$@"
+kernels_rc=0
+python3 bench/bench_kernels.py --json "$json" --budget-s "${SPM_KERNEL_BUDGET_S:-240}" "$@" || kernels_rc=$?
+[ "$kernels_rc" = 0 ] || echo "kernels: FAILED (exit $kernels_rc): see $json"
 
 # --- whole SD1.5 generations, eager vs CUDA-graphed base vs graphed erased (bench/gpu_compiled.py) ---
 # Needs the whole spm_rt package and diffusers (carry its wheel: device README "Notes"); a second
@@ -90,5 +96,9 @@ if [ "${SPM_SKIP_NATIVE:-0}" != 1 ]; then
   elif [ "$native_rc" = 0 ]; then
     echo "native: SKIPPED (no $lib and no cmake to build it)"
   fi
-  exit "$native_rc"
 fi
+
+# the kernel table again, last, so that it is the tail of the log whatever ran after it
+[ -f "${json%.json}.txt" ] && { echo; echo "== kernels (from $json) =="; cat "${json%.json}.txt"; }
+[ "${native_rc:-0}" = 0 ] || exit "$native_rc"
+exit "$kernels_rc"
