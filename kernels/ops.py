@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from spm_rt.kernels.reference import gated_spm_linear_bwd_ref, gated_spm_linear_torch
+
 
 # The module holding the kernels and launchers. Tests that run the Triton interpreter in a process
 # where triton was already imported for CUDA load their own interpreted copy of
@@ -55,13 +57,12 @@ def gated_linear_op(
     groups: int,
     store_c: bool,
 ) -> tuple[Tensor, Tensor]:
-    k = _impl()
     if x.dtype == torch.float64:
-        y, c = k.gated_spm_linear_torch(x, weight, bias, down, up, scale.double(), gates.double(), rows_per_sample,
-                                        combine, rank, groups)
+        y, c = gated_spm_linear_torch(x, weight, bias, down, up, scale.double(), gates.double(), rows_per_sample,
+                                      combine, rank, groups)
     else:
-        y, c = k._forward_2d(x, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank, groups, "auto",
-                             store_c=store_c)
+        y, c = _impl()._forward_2d(x, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank, groups,
+                                   "auto", store_c=store_c)
     return y, (c if store_c and c is not None else x.new_empty(0))
 
 
@@ -89,11 +90,11 @@ def gated_linear_backward_op(
     need_dd: bool,
     need_du: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    k = _impl()
     if x.dtype == torch.float64:
-        dx, dd, du = k.gated_spm_linear_bwd_ref(dy.to(x.dtype), x, weight, down, up, scale.double(), gates.double(),
-                                                rows_per_sample, combine, rank, groups)
+        dx, dd, du = gated_spm_linear_bwd_ref(dy.to(x.dtype), x, weight, down, up, scale.double(), gates.double(),
+                                              rows_per_sample, combine, rank, groups)
     else:
+        k = _impl()
         dy = dy.to(x.dtype)
         dy = dy if dy.stride(-1) == 1 else dy.contiguous()
         with k._device_guard(x):
@@ -162,3 +163,30 @@ def gated_linear(x, weight, bias, down, up, scale, gates, rows_per_sample, combi
     store_c = torch.is_grad_enabled() and up.requires_grad
     y, _ = gated_linear_op(x2, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank, groups, store_c)
     return y.view(*lead, weight.shape[0])
+
+
+@torch.library.custom_op("spm_rt::gated_linear_native", mutates_args=())
+def gated_linear_native_op(
+    x: Tensor,  # [M, in] contiguous, CUDA, fp16/bf16
+    weight: Tensor,  # [G*out, in]
+    bias: Optional[Tensor],  # [G*out]
+    down: Tensor,  # [G*K*r, in]
+    up: Tensor,  # [G*out, K*r]
+    scale: Tensor,  # [K] or [G*K] float32
+    gates: Tensor,  # [B, K] float32
+    rows_per_sample: int,
+    combine: str,
+    rank: int,
+    groups: int,
+) -> Tensor:
+    """The AOT-compiled library's forward (``spm_rt.kernels.native``); where it has no variant for
+    the case (fp32, another rank, ...) the Triton kernels run instead."""
+    from spm_rt.kernels import native
+
+    return native.gated_spm_linear_native(x, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank,
+                                          groups, fallback="triton")
+
+
+@gated_linear_native_op.register_fake
+def _gated_linear_native_fake(x, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank, groups):
+    return x.new_empty(x.shape[0], weight.shape[0])

@@ -9,9 +9,9 @@ import torch
 
 from spm_rt import gating
 from spm_rt.formats import SPM, SPMFormatError, load_spm
-from spm_rt.functional import BACKENDS
+from spm_rt.functional import BACKENDS, resolve_backend
 from spm_rt.kernels.reference import COMBINES
-from spm_rt.layers import STRATEGIES, LayerConfig, SPMLayer, patch, unpatch
+from spm_rt.layers import STRATEGIES, LayerConfig, SPMLayer, patch, precision_report, unpatch
 from spm_rt.stack import build_stacks
 from spm_rt.transport import TRANSPORTS, CalibratedTransport, ContextualTransport, Transport
 
@@ -30,7 +30,9 @@ class SPMConfig:
                manual multipliers).
     strategy:  "auto" (merged when every row of a UNet batch has the same gates, gated otherwise),
                "merged" or "gated".
-    backend:   "auto" (triton on CUDA when installed, torch otherwise), "torch" or "triton".
+    backend:   "auto" (triton on CUDA when installed, torch otherwise), "torch", "triton" or "native"
+               (the AOT-compiled ``libspm_kernels``, see the README's "Native library"; forward
+               only, the Triton op where it has no variant).
     k_max:     SPM slots preallocated in every adapted layer (default: the number of SPMs).
                ``set_spms`` with at most ``k_max`` SPMs writes into the same storage, so compiled
                graphs and captured CUDA graphs stay valid; more reallocates (and warns).
@@ -141,7 +143,7 @@ class SPMPipeline:
     def _prepare(self, spms: list[SPM]):
         """Everything that can fail, with no side effects: stacks and transport."""
         k_max, rank = self._slots(spms)
-        stacks = build_stacks(_unet(self.pipe), spms, k_max, rank)
+        stacks = build_stacks(_unet(self.pipe), spms, k_max, rank, self.config.combine)
         transport = None
         if self.config.transport == "calibrated":
             calibration = dict(self.config.calibration or {})
@@ -174,6 +176,7 @@ class SPMPipeline:
                               "slots; SPM buffers were reallocated, so compiled graphs will be rebuilt (pass a larger "
                               "k_max to spm_rt.compile to avoid this)", stacklevel=3)
         self.spms, self.transport = spms, transport
+        precision_report(self.layers)  # measure each layer's merge error at install, not in the first call
 
     @property
     def _state(self):
@@ -199,6 +202,28 @@ class SPMPipeline:
         with self._state.lock:
             self._install(spms)
         return self
+
+    def precision_report(self) -> dict:
+        """How much of each adapted layer's SPM update survives merging into the weight dtype.
+
+        ``{"layers": {path: {"dtype", "merge_error", "auto_path"}}, "summary": {"layers", "dtype",
+        "limit", "median", "max", "worst", "over_limit"}}``. ``merge_error`` is the relative error
+        of the update a merged weight applies at gates 1 for every SPM (``|round(W + dW) - W - dW|
+        / |dW|``); where it exceeds ``limit`` (``spm_rt.layers.MERGE_ERROR_MAX``) strategy="auto"
+        runs that layer gated (``auto_path``). Measured again after a dtype change or ``set_spms``.
+
+        Example::
+
+            >>> import spm_rt, torch
+            >>> from spm_rt.testing import tiny_pipeline, random_spm
+            >>> pipe = tiny_pipeline(0, dtype=torch.bfloat16)
+            >>> rt = spm_rt.compile(pipe, [random_spm(pipe.unet, "circle", std=0.01)], transport="fixed")
+            >>> report = rt.precision_report()
+            >>> report["summary"]["dtype"], report["summary"]["max"] > report["summary"]["limit"]
+            ('bfloat16', True)
+        """
+        self._check_live()
+        return precision_report(self.layers)
 
     def remove(self):
         """Restore the original pipeline bit-exactly (the original module objects); returns it."""
@@ -334,6 +359,7 @@ def compile(pipe, spms, *, combine: str | None = None, transport: str | None = N
         raise TypeError(f"spm_rt.compile got unknown option(s) {unknown}; SPMConfig has {sorted(known)}")
     cfg = replace(config or SPMConfig(), **{k: v for k, v in given.items() if v is not None})
     cfg.validate()
+    resolve_backend(cfg.backend, _unet(pipe).device)  # an unusable backend fails here, before patching
     rt = SPMPipeline(pipe, load_spms(spms, concepts), cfg)
     pipe._spm_rt = rt
     return rt

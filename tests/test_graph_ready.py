@@ -222,3 +222,27 @@ def test_merge_happens_once_per_call_not_per_step(spm_files):
         assert len(merges) == (i + 1) * n
     _gen(rt, [PROMPTS[2]], steps=4)  # the gate vector the buffers already hold: no merge
     assert len(merges) == 3 * n
+
+
+def test_native_backend_is_refused_clearly_before_patching(spm_files, monkeypatch):
+    pipe = tiny_pipeline(0)
+    with pytest.raises(RuntimeError, match="backend='native' cannot run on cpu"):
+        spm_rt.compile(pipe, spm_files, backend="native")
+    assert not hasattr(pipe, "_spm_rt") and not any(getattr(m, "_spm_wrapper", False) for m in pipe.unet.modules())
+
+
+def test_custom_ops_trace_without_a_graph_break():
+    """The Triton ops' fake kernels let dynamo trace through them (no kernel runs while tracing);
+    the native op likewise."""
+    import spm_rt.kernels.ops as ops
+
+    def fn(x, w, d, u, s, g):
+        y, _ = ops.gated_linear_op(x, w, None, d, u, s, g, 3, "linear", 1, 1, False)
+        return ops.gated_linear_native_op(y, w, None, d, u, s, g, 3, "linear", 1, 1) + 1
+
+    args = (torch.randn(6, 8), torch.randn(8, 8), torch.randn(2, 8), torch.randn(8, 2), torch.ones(2),
+            torch.rand(2, 2))
+    gm = torch._dynamo.export(fn)(*args).graph_module  # raises on a graph break
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert any("gated_linear.default" in t for t in targets)
+    assert any("gated_linear_native.default" in t for t in targets)
