@@ -28,6 +28,7 @@ _COMMAND_MODULES = (
     "spm_rt.train.commands",  # train
     "spm_rt.world.commands",  # world train-base/train-classifier/sample
     "spm_rt.world.eval_commands",  # eval, demo
+    "spm_rt.world.attack_commands",  # attack
     "spm_rt.export.commands",  # export onnx/engine/refit
     "spm_rt.bench_commands",  # bench report
 )
