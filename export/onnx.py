@@ -57,7 +57,7 @@ from torch import nn
 
 from spm_rt.compile import load_spms
 from spm_rt.formats import SPM, SPMFormatError, adapted_modules, module_shape, resolve
-from spm_rt.kernels.reference import COMBINES, merged_weight_ref
+from spm_rt.kernels.reference import COMBINES, gate_coefficients, merged_weight_ref
 from spm_rt.stack import Stack, stack_spms
 from spm_rt.transport import METRICS, encode_prompts, token_sets
 
@@ -119,7 +119,7 @@ def spm_initializers(manifest: dict, spms, *, concepts=None) -> dict[str, np.nda
     spms = load_spms(spms, concepts)
     dtype = _DTYPES[manifest["dtype"]]
     modules = _shape_only_modules(manifest["spm_modules"], dtype)
-    stacks = stack_spms(modules, spms, manifest["k_max"], manifest["rank"])
+    stacks = stack_spms(modules, spms, manifest["k_max"], manifest["rank"], manifest.get("combine", "linear"))
     out = {}
     for path, s in stacks.items():
         out[f"spm.{path}.down"] = s.down.numpy()
@@ -149,18 +149,9 @@ class _SPMExportLayer(nn.Module):
         self.conv = isinstance(base, nn.Conv2d)
 
     def _coefficients(self, z: torch.Tensor, gates: torch.Tensor, k_axis: int) -> torch.Tensor:
-        # z: K on axis k_axis, rank on k_axis + 1; gates [N, K] float32
-        view = [gates.shape[0]] + [1] * (z.dim() - 1)
-        view[k_axis] = self.k
-
-        def per_k(t):  # [N, K] -> broadcastable against z
-            return t.reshape(view)
-
-        if self.combine == "linear":
-            return z * per_k((gates * self.scale).to(z.dtype))
-        g = gates.to(z.dtype)
-        w = (z * per_k(g)).sum(dim=k_axis, keepdim=True)
-        return w * per_k(g * self.scale[0].to(z.dtype))
+        # z: K on axis k_axis, rank on k_axis + 1; gates [N, K] float32. The runtime's own gating
+        # function (elementwise Mul/ReduceSum only: the scale initializer feeds a Mul directly)
+        return gate_coefficients(z, gates, self.scale, self.combine, k_axis)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -640,7 +631,7 @@ def export_onnx(
         rename: dict[str, str] = {}
         gate_input = None
         if gates == "input":
-            stacks = stack_spms(modules, rt.spms, k_max, rank)
+            stacks = stack_spms(modules, rt.spms, k_max, rank, combine)
             gate_input = _GateInput()
             replacements = {p: _SPMExportLayer(modules[p], stacks[p], combine, gate_input) for p in modules}
             args.append(torch.rand(rows, k_max, generator=gen))

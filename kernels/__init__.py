@@ -4,16 +4,16 @@ The Triton names below (``gated_spm_linear_triton``, ``GatedSPMLinearFunction``,
 first access, importing ``spm_rt.kernels.gated_linear`` and triton only then; without triton that
 access raises ImportError naming the ``spm_rt[triton]`` extra.
 """
-from spm_rt.kernels.reference import gated_spm_linear_ref, merged_weight_ref, spm_coefficients
+from spm_rt.kernels.reference import (gate_coefficients, gated_spm_linear_bwd_ref, gated_spm_linear_ref,
+                                      gated_spm_linear_torch, merged_weight_ref, spm_coefficients)
 
-__all__ = ["gated_spm_linear_ref", "merged_weight_ref", "spm_coefficients"]
+__all__ = ["gate_coefficients", "gated_spm_linear_bwd_ref", "gated_spm_linear_ref", "gated_spm_linear_torch",
+           "merged_weight_ref", "spm_coefficients"]
 
 _TRITON_NAMES = (
     "gated_spm_linear_triton",
     "gated_spm_conv1x1_triton",
     "GatedSPMLinearFunction",
-    "gated_spm_linear_torch",
-    "gated_spm_linear_bwd_ref",
 )
 
 

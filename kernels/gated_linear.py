@@ -49,7 +49,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without triton
     raise ImportError("spm_rt.kernels.gated_linear needs triton: pip install 'spm_rt[triton]'") from exc
 
-from spm_rt.kernels.reference import COMBINES, spm_coefficients
+from spm_rt.kernels.reference import COMBINES, gated_spm_linear_bwd_ref, gated_spm_linear_torch  # noqa: F401 (re-exported)
 
 __all__ = [
     "gated_spm_linear_triton",
@@ -95,6 +95,9 @@ SHRINK_ACC_ELEMS = 64 * 128  # BLOCK_M * BLOCK_R budget: 64 fp32 accumulator reg
 LOWRANK_BLOCK_M = 64
 LOWRANK_BLOCK_PQ = 64
 LOWRANK_TARGET_PROGRAMS = 264
+# CUDA's limit on grid dimensions 1 and 2: row blocks run on axis 1 (N tiles on axis 0, which
+# allows 2^31 - 1), so one launch covers at most this many row blocks.
+MAX_ROW_BLOCKS = 65535
 # Exact fp32: the contract is fp32 relative error < 1e-5, which tf32 (~3e-4) would break.
 FP32_DOT_PRECISION = "ieee"
 
@@ -414,8 +417,10 @@ def _validate(x, x_features, weight, bias, down, up, scale, gates, rows_per_samp
     for name, t in {"scale": scale, "gates": gates}.items():
         if t.dtype != torch.float32:
             raise TypeError(f"{name} must be float32, got {t.dtype}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
+    if not scale.is_contiguous():
+        raise ValueError("scale must be contiguous")
+    # gates may be strided (an ``expand``ed [1, K] -> [B, K] has row stride 0): the kernels read
+    # them through (stride_gb, stride_gk)
     all_t = [x, weight, down, up, scale, gates] + ([bias] if bias is not None else [])
     if any(t.device != x.device for t in all_t):
         raise ValueError(f"all tensors must be on one device, got {sorted({str(t.device) for t in all_t})}")
@@ -496,6 +501,12 @@ def _launch_shrink(a, a_strides, stride_ag, b, stride_br, stride_bk, stride_bg, 
     )
 
 
+def _check_row_blocks(m_tiles: int, m_rows: int, block_m: int) -> None:
+    if m_tiles > MAX_ROW_BLOCKS:
+        raise ValueError(f"{m_rows} rows need {m_tiles} row blocks of {block_m}; at most {MAX_ROW_BLOCKS} per launch "
+                         "(CUDA grid limit): split x")
+
+
 def _launch_forward(x, x_strides, m_rows, rows_per_sample, sample_tiles, weight, bias, down, up, scale, gates,
                     combine, rank, groups, n, kr, y, y_strides, c_out, fused):
     """Run the forward into y; c_out ([M, G*K*r] or None) receives the coefficients."""
@@ -513,8 +524,7 @@ def _launch_forward(x, x_strides, m_rows, rows_per_sample, sample_tiles, weight,
         block_r = _pad16(kr)
     tiles_per_sample = triton.cdiv(rows_per_sample, bm)
     m_tiles = gates.shape[0] * tiles_per_sample if sample_tiles else triton.cdiv(m_rows, bm)
-    if m_tiles > 65535:  # CUDA's limit on grid dimension 1 (row blocks run on axis 1, N tiles on axis 0)
-        raise ValueError(f"{m_rows} rows need {m_tiles} row blocks of {bm}; at most 65535 per launch: split x")
+    _check_row_blocks(m_tiles, m_rows, bm)
     grid = (groups * triton.cdiv(n, bn), m_tiles)
     c_arg = c_out if c_out is not None else y
     _gated_spm_fwd_kernel[grid](
@@ -656,6 +666,9 @@ def _backward_triton(dy, x, weight, down, up, scale, gates, c, rows_per_sample, 
     k = gates.shape[1]
     stride_sg = 0 if scale.shape[0] == k else k
     prec = _dot_precision(x.dtype)
+    if need_dx:  # checked before any launch: the dx launch puts row blocks on grid axis 1, as the forward
+        bm, bn, bk = _fwd_tiles(m_rows, in_f, n_total, x.dtype)
+        _check_row_blocks(triton.cdiv(m_rows, bm), m_rows, bm)
     dx = dd = du = None
     dz = None
     if need_dx or need_dd:
@@ -667,7 +680,6 @@ def _backward_triton(dy, x, weight, down, up, scale, gates, c, rows_per_sample, 
     if need_dx:
         # dx = dy W + dz D: the forward kernel in "load c" mode, W and D read transposed, one group
         dx = torch.empty_like(x)
-        bm, bn, bk = _fwd_tiles(m_rows, in_f, n_total, x.dtype)
         grid = (triton.cdiv(in_f, bn), triton.cdiv(m_rows, bm))
         _gated_spm_fwd_kernel[grid](
             dy, weight, dy, down, down, scale, gates, dz, dx,
@@ -724,84 +736,6 @@ def _lowrank_grad(a, stride_am, stride_ap, stride_ag, b, stride_bm, stride_bq, s
         num_warps=FWD_NUM_WARPS, num_stages=FWD_NUM_STAGES,
     )
     return ws.sum(0) if splits > 1 else ws[0]
-
-
-# ---------------------------------------------------------------------------------------------
-# Torch versions of the same formulas: the float64 path of the autograd Function and the oracle
-
-
-def _group_slices(weight, bias, down, up, scale, gates, groups):
-    n = weight.shape[0] // groups
-    k = gates.shape[1]
-    kr = down.shape[0] // groups
-    for g in range(groups):
-        s = scale if scale.shape[0] == k else scale[g * k:(g + 1) * k]
-        yield (slice(g * n, (g + 1) * n), slice(g * kr, (g + 1) * kr), weight[g * n:(g + 1) * n],
-               None if bias is None else bias[g * n:(g + 1) * n], down[g * kr:(g + 1) * kr],
-               up[g * n:(g + 1) * n], s)
-
-
-def gated_spm_linear_torch(
-    x: torch.Tensor,  # [M, in]
-    weight: torch.Tensor,  # [G*out, in]
-    bias: torch.Tensor | None,  # [G*out]
-    down: torch.Tensor,  # [G*K*r, in]
-    up: torch.Tensor,  # [G*out, K*r]
-    scale: torch.Tensor,  # [K] or [G*K]
-    gates: torch.Tensor,  # [B, K]
-    rows_per_sample: int,
-    combine: str = "linear",
-    rank: int = 1,
-    groups: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grouped reference forward in x's dtype: returns (y [M, G*out], c [M, G*K*r]).
-
-    Example::
-
-        >>> y, c = gated_spm_linear_torch(x, W, None, D, U, s, g, rows_per_sample=77)  # doctest: +SKIP
-    """
-    ys, cs = [], []
-    for _, _, w_g, b_g, d_g, u_g, s_g in _group_slices(weight, bias, down, up, scale, gates, groups):
-        c_g = spm_coefficients(x @ d_g.t(), s_g, gates, rows_per_sample, combine, rank)
-        ys.append(torch.nn.functional.linear(x, w_g, b_g) + c_g @ u_g.t())
-        cs.append(c_g)
-    return torch.cat(ys, dim=1), torch.cat(cs, dim=1)
-
-
-def gated_spm_linear_bwd_ref(
-    dy: torch.Tensor,  # [M, G*out]
-    x: torch.Tensor,  # [M, in]
-    weight: torch.Tensor,  # [G*out, in]
-    down: torch.Tensor,  # [G*K*r, in]
-    up: torch.Tensor,  # [G*out, K*r]
-    scale: torch.Tensor,  # [K] or [G*K]
-    gates: torch.Tensor,  # [B, K]
-    rows_per_sample: int,
-    combine: str = "linear",
-    rank: int = 1,
-    groups: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of the op in torch (math in x's dtype): returns (dx, d_down, d_up).
-
-    ``dc = dy U; dz = coefficients(dc); dU = dy^T c; dD = dz^T x; dx = dy W + dz D``; the gating
-    map is symmetric (diagonal for "linear", ``s0 g g^T (x) I_r`` for "official"), so the
-    coefficients function is its own adjoint.
-
-    Example::
-
-        >>> dx, dD, dU = gated_spm_linear_bwd_ref(dy, x, W, D, U, s, g, rows_per_sample=6)  # doctest: +SKIP
-    """
-    dx = dy.new_zeros(x.shape)
-    dd = torch.empty_like(down)
-    du = torch.empty_like(up)
-    for cols, rs, w_g, _, d_g, u_g, s_g in _group_slices(weight, None, down, up, scale, gates, groups):
-        dy_g = dy[:, cols]
-        c_g = spm_coefficients(x @ d_g.t(), s_g, gates, rows_per_sample, combine, rank)
-        dz_g = spm_coefficients(dy_g @ u_g, s_g, gates, rows_per_sample, combine, rank)
-        du[cols] = dy_g.t() @ c_g
-        dd[rs] = dz_g.t() @ x
-        dx += dy_g @ w_g + dz_g @ d_g
-    return dx, dd, du
 
 
 class GatedSPMLinearFunction:

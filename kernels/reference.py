@@ -18,12 +18,56 @@ with ``sample(row) = row // rows_per_sample`` and the coefficients
   ``w[m, j] = sum_k gates[b, k] * z[m, k*r + j]`` and
   ``c[m, k*r + j] = scale[0] * gates[b, k] * w[m, j]``,
   i.e. ``scale_1 * (sum_j g_j U_j)(sum_k g_k D_k) x``: quadratic in the gates, with cross terms.
+  ``scale[0]`` is then the network-wide scale (the first SPM's metadata alpha / rank, in every
+  module: see ``spm_rt.stack``).
+
+Also here, importable without triton (the CPU fallback and the float64 path of the custom ops):
+the grouped forward and backward in torch (``gated_spm_linear_torch``,
+``gated_spm_linear_bwd_ref``) that the Triton kernels implement.
 """
 from __future__ import annotations
 
 import torch
 
 COMBINES = ("linear", "official")
+
+
+def gate_coefficients(
+    z: torch.Tensor,  # [B, ..., K, r, ...]: sample on axis 0, SPM on k_axis, rank on k_axis + 1
+    gates: torch.Tensor,  # [B, K] float32, one gate vector per sample
+    scale: torch.Tensor,  # [K] float32 (the stacked layout's scale; official reads scale[0] only)
+    combine: str,
+    k_axis: int,
+    *,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """The gating of the shrink output, written once for every torch consumer (this reference,
+    the torch backend in ``spm_rt.functional`` and the ONNX exporter): returns c, z's shape and
+    dtype.
+
+    ``linear``: ``c = z * gates[b, k] * scale[k]``; ``official``:
+    ``c[b, .., k, j, ..] = scale[0] * gates[b, k] * sum_k' gates[b, k'] z[b, .., k', j, ..]``.
+    Gate-times-scale products are formed in float32 (float64 for float64 z), then cast to z's
+    dtype; the rest of the math runs in z's dtype. ``inplace=True`` (linear only, no autograd)
+    multiplies z in place. Only elementwise ops, a sum and a reshape of the ``[B, K]`` gates: in an
+    ONNX graph the ``scale`` initializer feeds a Mul directly.
+    """
+    if combine not in COMBINES:
+        raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
+    k = gates.shape[1]
+    view = [gates.shape[0]] + [1] * (z.dim() - 1)
+    view[k_axis] = k
+
+    def per_k(t):  # [B, K] -> broadcastable against z
+        return t.reshape(view)
+
+    acc = torch.promote_types(z.dtype, torch.float32)
+    g = gates.to(acc)
+    if combine == "linear":
+        coef = per_k((g * scale.to(acc)).to(z.dtype))
+        return z.mul_(coef) if inplace else z * coef
+    w = (z * per_k(g.to(z.dtype))).sum(dim=k_axis, keepdim=True)
+    return w * per_k((g * scale[0].to(acc)).to(z.dtype))
 
 
 def spm_coefficients(
@@ -34,7 +78,8 @@ def spm_coefficients(
     combine: str = "linear",
     rank: int = 1,
 ) -> torch.Tensor:
-    """Gate the shrink output: returns c [M, K*r] in z's dtype (math in z's dtype)."""
+    """Gate the shrink output: returns c [M, K*r] in z's dtype (:func:`gate_coefficients` on
+    row-major z)."""
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
     m, kr = z.shape
@@ -44,16 +89,8 @@ def spm_coefficients(
     b = gates.shape[0]
     if m != b * rows_per_sample:
         raise ValueError(f"{m} rows do not split into {b} samples of {rows_per_sample} rows")
-    g = gates.to(z.dtype)
-    s = scale.to(z.dtype)
-    z3 = z.view(b, rows_per_sample, k, rank)
-    if combine == "linear":
-        coef = (g * s)[:, None, :, None]  # [B, 1, K, 1]
-        c = z3 * coef
-    else:
-        w = (z3 * g[:, None, :, None]).sum(dim=2, keepdim=True)  # [B, rows, 1, r]
-        c = w * (g * s[0])[:, None, :, None]  # [B, rows, K, r]
-    return c.reshape(m, kr)
+    z4 = z.reshape(b, rows_per_sample, k, rank)
+    return gate_coefficients(z4, gates, scale, combine, 2).reshape(m, kr)
 
 
 def gated_spm_linear_ref(
@@ -120,3 +157,119 @@ def merged_weight_ref(
     else:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
     return merged.to(weight.dtype)
+
+
+def merged_update_error(
+    weight: torch.Tensor,  # [out, in] in the weight dtype the merge rounds to
+    down: torch.Tensor,  # [K*r, in]
+    up: torch.Tensor,  # [out, K*r]
+    scale: torch.Tensor,  # [K]
+    gates: torch.Tensor,  # [K] one gate vector
+    combine: str = "linear",
+    rank: int = 1,
+    rows_per_chunk: int = 1024,
+) -> float:
+    """How much of the SPM update the merged weight loses to rounding: ``|(round(W + dW) - W) -
+    dW| / |dW|`` (Frobenius norms, exact dW in float64), with ``round(W + dW)`` exactly what
+    :func:`merged_weight_ref` returns. 0.0 when the update is zero.
+
+    Round-to-nearest drops every element of dW below half an ulp of W, so the figure grows as the
+    weight dtype narrows (fp32 ~1e-5, fp16 ~1e-2, bf16 ~1e-1 on SPM-sized updates). Rows are
+    processed in chunks (the merge is row-separable) to bound the float64 temporaries.
+
+    Example::
+
+        >>> W = torch.randn(8, 16); D = torch.randn(1, 16) * 1e-2; U = torch.randn(8, 1) * 1e-2
+        >>> merged_update_error(W, D, U, torch.ones(1), torch.ones(1)) < 1e-3
+        True
+        >>> merged_update_error(W.bfloat16(), D.bfloat16(), U.bfloat16(), torch.ones(1), torch.ones(1)) > 0.5
+        True
+    """
+    err2 = ref2 = 0.0
+    for r0 in range(0, weight.shape[0], rows_per_chunk):
+        w = weight[r0:r0 + rows_per_chunk]
+        u = up[r0:r0 + rows_per_chunk]
+        w64 = w.double()
+        exact = merged_weight_ref(w64, down.double(), u.double(), scale.double(), gates.double(), combine, rank) - w64
+        applied = merged_weight_ref(w, down, u, scale, gates, combine, rank).double() - w64
+        err2 += float((applied - exact).pow(2).sum())
+        ref2 += float(exact.pow(2).sum())
+    return (err2 / ref2) ** 0.5 if ref2 > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch versions of the same formulas: the float64 path of the autograd Function and the oracle
+
+
+def _group_slices(weight, bias, down, up, scale, gates, groups):
+    n = weight.shape[0] // groups
+    k = gates.shape[1]
+    kr = down.shape[0] // groups
+    for g in range(groups):
+        s = scale if scale.shape[0] == k else scale[g * k:(g + 1) * k]
+        yield (slice(g * n, (g + 1) * n), slice(g * kr, (g + 1) * kr), weight[g * n:(g + 1) * n],
+               None if bias is None else bias[g * n:(g + 1) * n], down[g * kr:(g + 1) * kr],
+               up[g * n:(g + 1) * n], s)
+
+
+def gated_spm_linear_torch(
+    x: torch.Tensor,  # [M, in]
+    weight: torch.Tensor,  # [G*out, in]
+    bias: torch.Tensor | None,  # [G*out]
+    down: torch.Tensor,  # [G*K*r, in]
+    up: torch.Tensor,  # [G*out, K*r]
+    scale: torch.Tensor,  # [K] or [G*K]
+    gates: torch.Tensor,  # [B, K]
+    rows_per_sample: int,
+    combine: str = "linear",
+    rank: int = 1,
+    groups: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped reference forward in x's dtype: returns (y [M, G*out], c [M, G*K*r]).
+
+    Example::
+
+        >>> y, c = gated_spm_linear_torch(x, W, None, D, U, s, g, rows_per_sample=77)  # doctest: +SKIP
+    """
+    ys, cs = [], []
+    for _, _, w_g, b_g, d_g, u_g, s_g in _group_slices(weight, bias, down, up, scale, gates, groups):
+        c_g = spm_coefficients(x @ d_g.t(), s_g, gates, rows_per_sample, combine, rank)
+        ys.append(torch.nn.functional.linear(x, w_g, b_g) + c_g @ u_g.t())
+        cs.append(c_g)
+    return torch.cat(ys, dim=1), torch.cat(cs, dim=1)
+
+
+def gated_spm_linear_bwd_ref(
+    dy: torch.Tensor,  # [M, G*out]
+    x: torch.Tensor,  # [M, in]
+    weight: torch.Tensor,  # [G*out, in]
+    down: torch.Tensor,  # [G*K*r, in]
+    up: torch.Tensor,  # [G*out, K*r]
+    scale: torch.Tensor,  # [K] or [G*K]
+    gates: torch.Tensor,  # [B, K]
+    rows_per_sample: int,
+    combine: str = "linear",
+    rank: int = 1,
+    groups: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of the op in torch (math in x's dtype): returns (dx, d_down, d_up).
+
+    ``dc = dy U; dz = coefficients(dc); dU = dy^T c; dD = dz^T x; dx = dy W + dz D``; the gating
+    map is symmetric (diagonal for "linear", ``s0 g g^T (x) I_r`` for "official"), so the
+    coefficients function is its own adjoint.
+
+    Example::
+
+        >>> dx, dD, dU = gated_spm_linear_bwd_ref(dy, x, W, D, U, s, g, rows_per_sample=6)  # doctest: +SKIP
+    """
+    dx = dy.new_zeros(x.shape)
+    dd = torch.empty_like(down)
+    du = torch.empty_like(up)
+    for cols, rs, w_g, _, d_g, u_g, s_g in _group_slices(weight, None, down, up, scale, gates, groups):
+        dy_g = dy[:, cols]
+        c_g = spm_coefficients(x @ d_g.t(), s_g, gates, rows_per_sample, combine, rank)
+        dz_g = spm_coefficients(dy_g @ u_g, s_g, gates, rows_per_sample, combine, rank)
+        du[cols] = dy_g.t() @ c_g
+        dd[rs] = dz_g.t() @ x
+        dx += dy_g @ w_g + dz_g @ d_g
+    return dx, dd, du

@@ -13,6 +13,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from spm_rt.kernels.reference import gate_coefficients
+
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -41,31 +43,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def sample_coefficients(
-    gates: torch.Tensor,  # [N, K] float32, one row per sample
-    scale: torch.Tensor,  # [K] float32
-    combine: str,
-    rank: int,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """Linear mode: per-sample multipliers of z, [N, K*r]."""
-    return (gates * scale).repeat_interleave(rank, dim=1).to(dtype)
-
-
-def _gate_z(z3: torch.Tensor, gates: torch.Tensor, scale: torch.Tensor, combine: str, rank: int) -> torch.Tensor:
-    """z3 [N, S, K*r] -> coefficients [N, S, K*r] (in place for linear)."""
-    n, s, kr = z3.shape
-    k = kr // rank
-    if combine == "linear":
-        coef = sample_coefficients(gates, scale, combine, rank, z3.dtype)  # [N, K*r]
-        if z3.requires_grad:
-            return z3 * coef[:, None, :]
-        return z3.mul_(coef[:, None, :])
-    g = gates.to(z3.dtype)
-    w = (z3.view(n, s, k, rank) * g[:, None, :, None]).sum(dim=2, keepdim=True)  # [N, S, 1, r]
-    return (w * (g * scale[0].to(z3.dtype))[:, None, :, None]).reshape(n, s, kr)
-
-
 def gated_linear(
     x: torch.Tensor,  # [N, ..., in]
     weight: torch.Tensor,  # [out, in]
@@ -89,7 +66,9 @@ def gated_linear(
         return op(x2, weight, bias, down, up, scale, gates, rows, combine, rank).view(*x.shape[:-1], weight.shape[0])
     y = F.linear(x2, weight, bias)  # [M, out]
     z = F.linear(x2, down)  # [M, K*r]
-    c = _gate_z(z.view(n, rows, -1), gates, scale, combine, rank).view(-1, z.shape[1])
+    # the one gating function of every torch consumer; in place on z when no gradient flows
+    inplace = combine == "linear" and not z.requires_grad
+    c = gate_coefficients(z.view(n, rows, -1, rank), gates, scale, combine, 2, inplace=inplace).view(-1, z.shape[1])
     if y.requires_grad or c.requires_grad or up.requires_grad:
         y = y + c @ up.t()
     else:
@@ -124,7 +103,8 @@ def gated_conv1x1(
     y = F.conv2d(x, weight, bias)  # [N, out, H, W] (1x1, stride 1: checked when the layer is built)
     x3 = x.reshape(n, c_in, h * w)
     z = torch.matmul(down, x3)  # [N, K*r, HW]
-    c = _gate_z(z.transpose(1, 2), gates, scale, combine, rank).transpose(1, 2)  # [N, K*r, HW]
+    inplace = combine == "linear" and not z.requires_grad
+    c = gate_coefficients(z.view(n, -1, rank, h * w), gates, scale, combine, 1, inplace=inplace).view_as(z)
     y3 = y.view(n, -1, h * w)
     u = up.unsqueeze(0).expand(n, -1, -1)
     if y.requires_grad or c.requires_grad or up.requires_grad:

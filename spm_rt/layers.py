@@ -17,6 +17,14 @@ The forward reads ``spm_state.mode`` (one Python attribute per call, see spm_rt.
 -> the low-rank branch per row (``spm_rt.functional``) with ``row_gates[:N]``. The original
 module object is kept (unregistered) and restored by :func:`unpatch`, bit-exactly.
 
+Half precision. Merging rounds ``W + dW`` to the weight dtype, which drops every element of dW
+below half an ulp of W. Each layer knows how much of a unit-gate update survives that rounding
+(``merge_error``: relative error of the applied update, measured at install and again whenever the
+weight dtype or the SPMs change). Under ``strategy="auto"`` a layer whose merge would lose more
+than :data:`MERGE_ERROR_MAX` runs the gated branch in merged calls too (``merge_gated``: a Python
+attribute set in ``GateState.begin`` via :meth:`SPMLayer.prepare_merged`, constant for a call, so
+compiled graphs guard on it); ``strategy="merged"`` keeps merging and warns once with the figure.
+
 Projections that read the same input inside one attention block form a :class:`SharedInput`:
 attn1's to_q/to_k/to_v (self-attention) and attn2's to_k/to_v (both read the text embeddings).
 In eager mode two things follow:
@@ -34,6 +42,7 @@ tensors have no version counter to detect in-place changes), and graph capture
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -43,10 +52,20 @@ from torch import nn
 from spm_rt.formats import SPMFormatError
 from spm_rt.functional import gated_conv1x1, gated_linear
 from spm_rt.gating import GateState
-from spm_rt.kernels.reference import merged_weight_ref
+from spm_rt.kernels.reference import merged_update_error, merged_weight_ref
 from spm_rt.stack import Stack
 
 STRATEGIES = ("auto", "merged", "gated")
+
+# Largest relative error of a unit-gate SPM update that a merged weight may carry under
+# strategy="auto" (beyond it the layer runs gated). 5% of the update is a 5% change of that
+# layer's effective gate, below the spread Facilitated Transport itself puts between prompts that
+# name a concept (clipcos 0.78-0.81 for "a red/blue/green circle", semantics section 3); bf16
+# merges lose 13% on a typical layer and up to 81% (issue 13, shipped circle SPM), fp16 merges
+# 1.6% typical and 22% worst, fp32 merges ~1e-5. Measured on CPU (bench/bench_precision.py) the
+# gated branch on the layers over this limit costs little against merging: see the README,
+# "Half precision".
+MERGE_ERROR_MAX = 0.05
 
 
 @dataclass
@@ -84,6 +103,9 @@ class SPMLayer(nn.Module):
         self.shared: SharedInput | None = None  # set by patch() for attention projections
         self._merged_for = None  # what merged_weight currently holds (gates, weight identity)
         self._factors = None  # training: (down, up) tensors that carry gradients, else None
+        self.merge_error: float | None = None  # update lost by merging at unit gates (see module doc)
+        self._merge_error_for = None  # (weight identity, combine, SPM buffer versions) it was measured for
+        self.merge_gated = False  # this call's merged mode runs the gated branch here (set per call)
 
     # -- state -----------------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
@@ -134,9 +156,32 @@ class SPMLayer(nn.Module):
         w = self.weight
         return (w.data_ptr(), w.dtype, w.device, w._version)
 
+    def refresh_merge_error(self) -> float:
+        """``merge_error`` for the current weight dtype and SPMs (measured again only when they
+        changed): the relative error of the update a merged weight applies at gates 1 for every
+        SPM (``spm_rt.kernels.reference.merged_update_error``)."""
+        key = (self._weight_id(), self.config.combine, self.spm_down.data_ptr(), self.spm_down._version,
+               self.spm_up._version, self.spm_scale._version)
+        if self._merge_error_for != key:
+            w = self.weight.detach()
+            gates = torch.ones(self.spm_scale.shape[0], device=w.device)
+            with torch.no_grad():
+                self.merge_error = merged_update_error(w.reshape(w.shape[0], -1), self.spm_down, self.spm_up,
+                                                       self.spm_scale, gates, self.config.combine, self.rank)
+            self._merge_error_for = key
+        return self.merge_error
+
     def prepare_merged(self, gates: torch.Tensor) -> None:
         """Make ``merged_weight`` hold ``W + update(gates)`` (gates [k_max] float32, on CPU), written
-        in place; nothing to do when it already holds exactly that."""
+        in place; nothing to do when it already holds exactly that. Under strategy="auto" a layer
+        whose merge loses more than MERGE_ERROR_MAX of the update is marked to run gated instead
+        (``merge_gated``) and merges nothing; under "merged" it merges and warns once."""
+        lossy = self.refresh_merge_error() > MERGE_ERROR_MAX
+        self.merge_gated = lossy and self.config.strategy == "auto"
+        if self.merge_gated:
+            return
+        if lossy:
+            _warn_lossy_merge(self)
         key = (tuple(gates.tolist()), self.config.combine, self._weight_id())
         if self._merged_for == key:
             return
@@ -169,6 +214,8 @@ class SPMLayer(nn.Module):
         mode = state.mode
         if self._factors is not None:
             mode = "gated" if mode != "off" else "off"
+        elif mode == "merged" and self.merge_gated:
+            mode = "gated"  # merging would lose too much of the update in this dtype (see module doc)
         if mode == "off":
             return self._base_forward(x, self.weight)
         if _compiling():
@@ -319,6 +366,43 @@ def attention_groups(unet: nn.Module, layers: dict[str, SPMLayer]) -> list[Share
             continue
         groups.append(SharedInput(members, cross=module.is_cross_attention))
     return groups
+
+
+def _warn_lossy_merge(layer: SPMLayer) -> None:
+    """strategy="merged" on layers that lose more than MERGE_ERROR_MAX: once per patched UNet."""
+    state = layer.spm_state
+    if state.__dict__.get("_warned_lossy_merge"):
+        return
+    state.__dict__["_warned_lossy_merge"] = True
+    report = precision_report(state.layers)["summary"]
+    warnings.warn(f"strategy='merged': {report['over_limit']} of {report['layers']} adapted layers lose more than "
+                  f"{MERGE_ERROR_MAX:.0%} of a unit-gate SPM update when merged in {report['dtype']} (worst "
+                  f"{report['max']:.1%} at {report['worst']}, median {report['median']:.1%}); strategy='auto' runs "
+                  "those layers gated instead (rt.precision_report() has every layer's figure)", stacklevel=4)
+
+
+def precision_report(layers: dict[str, SPMLayer]) -> dict:
+    """Per adapted layer, how much of a unit-gate update a merged weight loses to rounding into the
+    weight dtype, and which path strategy="auto" takes there; plus a summary. Measured again only
+    where the dtype or the SPMs changed since the last measurement."""
+    rows = {}
+    for path, layer in layers.items():
+        err = layer.refresh_merge_error()
+        rows[path] = {"dtype": str(layer.weight.dtype).replace("torch.", ""), "merge_error": err,
+                      "auto_path": "gated" if err > MERGE_ERROR_MAX else "merged"}
+    errors = sorted(r["merge_error"] for r in rows.values())
+    worst = max(rows, key=lambda p: rows[p]["merge_error"]) if rows else None
+    n = len(errors)
+    summary = {
+        "layers": n,
+        "dtype": ",".join(sorted({r["dtype"] for r in rows.values()})),
+        "limit": MERGE_ERROR_MAX,
+        "median": (errors[(n - 1) // 2] + errors[n // 2]) / 2 if n else 0.0,
+        "max": errors[-1] if n else 0.0,
+        "worst": worst,
+        "over_limit": sum(e > MERGE_ERROR_MAX for e in errors),
+    }
+    return {"layers": rows, "summary": summary}
 
 
 def wrap(path: str, module: nn.Module, stack: Stack, config: LayerConfig, state: GateState) -> SPMLayer:
