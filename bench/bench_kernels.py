@@ -445,14 +445,15 @@ def candidate_sweep(gl, device, deadline, dry_run=False) -> list[dict]:
         return []
     shapes = [Case("sd15", "attn out, attn2 q", 8192, 320, 320), Case("sd15", "ff GEGLU in", 2048, 640, 5120),
               Case("sdxl", "attn out, attn2 q, proj", 2048, 1280, 1280)]
+    entries = [force(cfg) for cfg in cands] + [force(gl.CFG_64x64, n_per_prog=1)]  # + the shrink in every tile
     out = []
     for case in shapes:
         run_case = tiny(case) if dry_run else case
-        for cfg in cands:
-            what = f"candidates: {case.key} {cfg}"
+        for entry in entries:
+            what = f"candidates: {case.key} {entry}"
             if deadline.passed(what):
                 continue
-            with force(cfg):
+            with entry:
                 chk = check_case(run_case, HEADLINE_K, torch.float16 if not dry_run else torch.float32, device, gl,
                                  ["triton"])
                 if dry_run:
@@ -460,7 +461,7 @@ def candidate_sweep(gl, device, deadline, dry_run=False) -> list[dict]:
                 else:
                     inp = make_inputs(case, HEADLINE_K, torch.float16, device, seed=5)
                     t = time_warm(providers(case, inp, gl)["triton"])
-            out.append({"key": case.key, "config": str(cfg), "ok": chk["triton"]["ok"],
+            out.append({"key": case.key, "config": str(entry), "ok": chk["triton"]["ok"],
                         "rel_err": chk["triton"]["rel_err"], "warm": t})
             print(f"  {what}: " + ("checked" if t is None else f"{t['median_us']:.1f} us"), flush=True)
     return out

@@ -41,6 +41,8 @@ the comments and from the no-GPU compile check (tests/test_kernels_compile.py), 
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 try:
@@ -77,10 +79,11 @@ FWD_BLOCK_M_FP32 = 64
 FWD_BLOCK_K_FP32 = 32
 FWD_NUM_WARPS = 4
 FWD_NUM_STAGES = 3
-# Pattern choice: the fused shrink costs pad16(K*r)/BLOCK_N extra MMA per tile (25% at K*r <= 16,
-# 50% at 32, 100% at 64 with BLOCK_N = 64); the split shrink costs a second read of x plus a
-# [M, K*r] round trip. Memory-bound SD1.5 projections absorb the former up to about half the base
-# GEMM, so "auto" fuses up to pad16(K*r) = 32. To be re-measured with bench/bench_kernels.py.
+# Pattern choice: the fused shrink costs pad16(K*r)/(BLOCK_N * n_per_prog) extra MMA per output
+# tile (a program computes it once and loops over n_per_prog N tiles; see FwdConfig); the split
+# shrink costs a second read of x plus a [M, K*r] round trip. FUSED_MAX_RANK is the old fixed rule,
+# kept for the native library's C picker (native/aot.py mirrors it); the JIT launcher takes the
+# fused/split choice from FWD_TABLE below.
 FUSED_MAX_RANK = 32
 # Expand chunk of the split pattern / backward dx ("load c" mode): K*r is reduced in 64-wide steps.
 LOAD_BLOCK_R = 64
@@ -100,6 +103,49 @@ LOWRANK_TARGET_PROGRAMS = 264
 MAX_ROW_BLOCKS = 65535
 # Exact fp32: the contract is fp32 relative error < 1e-5, which tf32 (~3e-4) would break.
 FP32_DOT_PRECISION = "ieee"
+
+
+class FwdConfig(NamedTuple):
+    """One forward tiling. ``fused_max_rank``: pad16(K*r) up to which the shrink is fused (pattern A)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    fused_max_rank: int
+
+
+# Hopper candidates (issue 15), none timed yet: bench/bench_kernels.py times each at K = 16 (its
+# "tile candidates" section) so that FWD_TABLE can be set from measurements. Compiled for sm_90
+# (wgmma, spills) by tests/test_kernels_compile.py; the full table is bench/results/sm90_compile_table.md.
+CFG_128x64 = FwdConfig(128, 64, 64, 4, 3, 64)  # the first kernels' tile
+CFG_64x64 = FwdConfig(64, 64, 64, 4, 4, 64)  # small M (more programs) and narrow outputs
+CFG_128x128 = FwdConfig(128, 128, 64, 8, 3, 64)  # compute-bound: two warpgroups, half the W re-reads
+CFG_128x256 = FwdConfig(128, 256, 64, 8, 3, 32)  # wide ff outputs: 128 fp32 acc registers per thread
+CFG_FP32 = FwdConfig(64, 64, 32, 4, 3, 64)  # exact fp32 dots run on FMA units: small tiles, no spills
+FWD_CANDIDATES = (CFG_128x64, CFG_64x64, CFG_128x128, CFG_128x256)
+
+# The per-shape table for 16-bit inputs, keyed on (M bucket, out, K*r): the first row with
+# rows >= its min rows and out <= its max out wins; its config's fused_max_rank then decides fused
+# vs split for the K*r at hand (fp32 always takes CFG_FP32). Why each row, from the arithmetic in
+# docs/performance.md (to be replaced by the candidates' timings):
+# * M < 2048 (16x16 / 8x8 latents, 154 text rows): 64-row tiles, or too few programs for 132 SMs;
+# * out <= 640 at M >= 2048 (SD1.5 64x64 / 32x32 attention, memory-bound or nearly): 64x64 tiles,
+#   each program looping over n_per_prog N tiles of its row block computes the shrink once;
+# * out 1280 and ff out (in = 4C): 128x128, 8 warps;
+# * out >= 2048 (ff GEGLU in, 2560..10240 wide): 128x256, 8 warps (compute-bound, fewest re-reads);
+#   fused only up to K*r 32 there (the shrink accumulator shares the register file with a 128x256 tile).
+FWD_TABLE = (  # (min rows, max out per group, config)
+    (2048, 640, CFG_64x64),
+    (2048, 1280, CFG_128x128),
+    (2048, 1 << 30, CFG_128x256),
+    (0, 1 << 30, CFG_64x64),
+)
+# Target number of programs of one forward launch, about one per SM of an H100/H200 (132 SMs):
+# n_per_prog is the largest divisor of the N tiles that keeps the grid at or above this. 128, so
+# that 8192 x 320 (128 row blocks of 64) runs one program per row block over all 5 N tiles.
+MIN_PROGRAMS = 128
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,9 +196,10 @@ def _row_offsets(pid_m, M, rows_per_sample, tiles_per_sample, stride_b, stride_m
 
 
 @triton.jit
-def _gate_coefficients(z, gates_ptr, scale_ptr, sample, row_mask, offs_r, KR,
-                       stride_gb, stride_gk, RANK: tl.constexpr, OFFICIAL: tl.constexpr):
-    """c = coefficients(z) for one group's K*r columns (z: [BLOCK_M, BLOCK_R] fp32).
+def _load_gating(gates_ptr, scale_ptr, sample, row_mask, offs_r, KR, stride_gb, stride_gk,
+                 RANK: tl.constexpr, OFFICIAL: tl.constexpr):
+    """Gates per (row, column) [BLOCK_M, BLOCK_R] and the scale (per column, or the scalar s0 for
+    "official"), loaded apart from the math so the forward can issue them before its K loop.
 
     Padding columns (offs_r >= KR) and rows outside M get gate 0, hence c = 0 there.
     """
@@ -160,6 +207,17 @@ def _gate_coefficients(z, gates_ptr, scale_ptr, sample, row_mask, offs_r, KR,
     spm = offs_r // RANK
     g = tl.load(gates_ptr + sample.to(tl.int64)[:, None] * stride_gb + spm[None, :] * stride_gk,
                 mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+    if OFFICIAL:
+        s = tl.load(scale_ptr)
+    else:
+        s = tl.load(scale_ptr + spm, mask=r_mask, other=0.0)
+    return g, s
+
+
+@triton.jit
+def _apply_gating(z, g, s, offs_r, RANK: tl.constexpr, OFFICIAL: tl.constexpr):
+    """c = coefficients(z) for one group's K*r columns (z: [BLOCK_M, BLOCK_R] fp32), g and s from
+    _load_gating."""
     if OFFICIAL:
         zg = z * g
         if RANK == 1:
@@ -172,12 +230,45 @@ def _gate_coefficients(z, gates_ptr, scale_ptr, sample, row_mask, offs_r, KR,
                 sel = (j == jj)[None, :]
                 wj = tl.reduce(tl.where(sel, zg, 0.0), 1, _add)
                 w = tl.where(sel, wj[:, None], w)
-        s0 = tl.load(scale_ptr)
-        c = w * g * s0
+        c = w * g * s
     else:
-        s = tl.load(scale_ptr + spm, mask=r_mask, other=0.0)
         c = z * g * s[None, :]
     return c
+
+
+@triton.jit
+def _gate_coefficients(z, gates_ptr, scale_ptr, sample, row_mask, offs_r, KR,
+                       stride_gb, stride_gk, RANK: tl.constexpr, OFFICIAL: tl.constexpr):
+    """c = coefficients(z) for one group's K*r columns (z: [BLOCK_M, BLOCK_R] fp32)."""
+    g, s = _load_gating(gates_ptr, scale_ptr, sample, row_mask, offs_r, KR, stride_gb, stride_gk, RANK, OFFICIAL)
+    return _apply_gating(z, g, s, offs_r, RANK, OFFICIAL)
+
+
+@triton.jit
+def _k_loop(acc, zacc, x_ptrs, w_ptrs, d_ptrs, IN, r_mask, stride_xk, stride_wk, stride_dk,
+            BLOCK_K: tl.constexpr, WITH_SHRINK: tl.constexpr, EVEN_K: tl.constexpr,
+            DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """acc += x W^T over the whole reduction; with WITH_SHRINK also zacc += x D^T from the same x tiles."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, IN, BLOCK_K):
+        if EVEN_K:
+            xt = tl.load(x_ptrs)
+            wt = tl.load(w_ptrs)
+        else:
+            k_mask = (k0 + offs_k) < IN
+            xt = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
+        acc = _mma(xt, wt, acc, DOT_PRECISION, UPCAST_DOT)
+        if WITH_SHRINK:
+            if EVEN_K:
+                dt = tl.load(d_ptrs, mask=r_mask[None, :], other=0.0)
+            else:
+                dt = tl.load(d_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+            zacc = _mma(xt, dt, zacc, DOT_PRECISION, UPCAST_DOT)
+            d_ptrs += BLOCK_K * stride_dk
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    return acc, zacc
 
 
 @triton.jit
@@ -195,83 +286,98 @@ def _gated_spm_fwd_kernel(
     RANK: tl.constexpr, HAS_BIAS: tl.constexpr, OFFICIAL: tl.constexpr,
     FUSED_SHRINK: tl.constexpr, STORE_C: tl.constexpr, SAMPLE_TILES: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    N_PER_PROG: tl.constexpr,
 ):
-    """y[:, g*N + n] = x W_g^T + c_g U_g^T (+ b): one [BLOCK_M, BLOCK_N] tile of group g.
+    """y[:, g*N + n] = x W_g^T + c_g U_g^T (+ b): N_PER_PROG consecutive [BLOCK_M, BLOCK_N] tiles of
+    group g (N_PER_PROG divides the group's N tiles: the launcher picks it so).
 
-    FUSED_SHRINK: c_g = coefficients(x D_g^T) from the x tiles of the main loop (pattern A),
-    optionally written to c (STORE_C, for the backward). Otherwise c is read from c_ptr
-    ([M, G*KR]) in BLOCK_R chunks (pattern B, and the backward's dx = dy W + dz D).
+    FUSED_SHRINK: c_g = coefficients(x D_g^T) from the x tiles of the first tile's main loop
+    (pattern A), computed once per program and reused by its other N tiles; optionally written to
+    c (STORE_C, for the backward). The gates, the scale, U and the bias of the first tile are loaded
+    before the main loop, so their latency overlaps it. Otherwise c is read from c_ptr ([M, G*KR])
+    in BLOCK_R chunks (pattern B, and the backward's dx = dy W + dz D).
     """
     pid_n = tl.program_id(0)  # n fastest: the N tiles of one row block run together, sharing x in L2
     pid_m = tl.program_id(1)
     tiles_n = (N + BLOCK_N - 1) // BLOCK_N
-    group = pid_n // tiles_n
-    offs_n = (pid_n % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    cols = (group * N + offs_n).to(tl.int64)  # output column = row of W and U
-    w_cols = (group * N + offs_n % N).to(tl.int64)  # clamped: W loads need no column mask
+    chunks_n = tiles_n // N_PER_PROG
+    group = pid_n // chunks_n
+    tile0 = (pid_n % chunks_n) * N_PER_PROG
 
     rows, sample, row_mask, x_mem = _row_offsets(pid_m, M, rows_per_sample, tiles_per_sample,
                                                  stride_xb, stride_xm, BLOCK_M, SAMPLE_TILES)
+    _, _, _, y_mem = _row_offsets(pid_m, M, rows_per_sample, tiles_per_sample,
+                                  stride_yb, stride_ym, BLOCK_M, SAMPLE_TILES)
     offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + x_mem[:, None] + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
-    w_ptrs = w_ptr + w_cols[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N]
     offs_r = tl.arange(0, BLOCK_R)
+    offs_nt = tl.arange(0, BLOCK_N)
+    x_ptrs = x_ptr + x_mem[:, None] + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
+    c_rows = rows.to(tl.int64) * stride_cm
+
+    # first tile: prefetch (gates, scale, U, bias), main loop with the shrink, epilogue
+    offs_n = tile0 * BLOCK_N + offs_nt
+    n_mask = offs_n < N
+    cols = (group * N + offs_n).to(tl.int64)  # output column = row of W and U
+    w_cols = (group * N + offs_n % N).to(tl.int64)  # clamped: W loads need no column mask
+    w_ptrs = w_ptr + w_cols[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)
     acc = tl.full([BLOCK_M, BLOCK_N], 0, dtype=tl.float32)
+    zacc = tl.full([BLOCK_M, BLOCK_R], 0, dtype=tl.float32)
+    r_mask = offs_r < KR
     if FUSED_SHRINK:
-        r_mask = offs_r < KR
+        g, s = _load_gating(gates_ptr, scale_ptr + group * stride_sg, sample, row_mask, offs_r, KR,
+                            stride_gb, stride_gk, RANK, OFFICIAL)
+        ut = tl.load(up_ptr + cols[None, :] * stride_un + offs_r[:, None] * stride_ur,
+                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
         d_rows = (group * KR + offs_r).to(tl.int64)
         d_ptrs = down_ptr + d_rows[None, :] * stride_dr + offs_k[:, None] * stride_dk  # [BLOCK_K, BLOCK_R]
-        zacc = tl.full([BLOCK_M, BLOCK_R], 0, dtype=tl.float32)
-
-    for k0 in range(0, IN, BLOCK_K):
-        if EVEN_K:
-            xt = tl.load(x_ptrs)
-            wt = tl.load(w_ptrs)
-        else:
-            k_mask = (k0 + offs_k) < IN
-            xt = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
-            wt = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
-        acc = _mma(xt, wt, acc, DOT_PRECISION, UPCAST_DOT)
-        if FUSED_SHRINK:
-            if EVEN_K:
-                dt = tl.load(d_ptrs, mask=r_mask[None, :], other=0.0)
-            else:
-                dt = tl.load(d_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-            zacc = _mma(xt, dt, zacc, DOT_PRECISION, UPCAST_DOT)
-            d_ptrs += BLOCK_K * stride_dk
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
-
-    c_rows = rows.to(tl.int64) * stride_cm
-    if FUSED_SHRINK:
-        c = _gate_coefficients(zacc, gates_ptr, scale_ptr + group * stride_sg, sample, row_mask, offs_r, KR,
-                               stride_gb, stride_gk, RANK, OFFICIAL)
+        acc, zacc = _k_loop(acc, zacc, x_ptrs, w_ptrs, d_ptrs, IN, r_mask, stride_xk, stride_wk, stride_dk,
+                            BLOCK_K, True, EVEN_K, DOT_PRECISION, UPCAST_DOT)
+        c = _apply_gating(zacc, g, s, offs_r, RANK, OFFICIAL)
         if STORE_C:
-            if pid_n % tiles_n == 0:  # one N tile per group writes c for the backward
+            if tile0 == 0:  # one program per (group, row block) writes c for the backward
                 c_ptrs = c_ptr + c_rows[:, None] + (group * KR + offs_r)[None, :] * stride_cr
                 tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & r_mask[None, :])
-        u_ptrs = up_ptr + cols[None, :] * stride_un + offs_r[:, None] * stride_ur  # [BLOCK_R, BLOCK_N]
-        ut = tl.load(u_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = _mma(c.to(ut.dtype), ut, acc, DOT_PRECISION, UPCAST_DOT)
+        c = c.to(ut.dtype)
+        acc = _mma(c, ut, acc, DOT_PRECISION, UPCAST_DOT)
     else:
+        acc, zacc = _k_loop(acc, zacc, x_ptrs, w_ptrs, x_ptrs, IN, r_mask, stride_xk, stride_wk, stride_dk,
+                            BLOCK_K, False, EVEN_K, DOT_PRECISION, UPCAST_DOT)
         c_ptrs = c_ptr + c_rows[:, None] + (group * KR + offs_r)[None, :] * stride_cr  # [BLOCK_M, BLOCK_R]
         u_ptrs = up_ptr + cols[None, :] * stride_un + offs_r[:, None] * stride_ur  # [BLOCK_R, BLOCK_N]
         for r0 in range(0, KR, BLOCK_R):
-            r_mask = (r0 + offs_r) < KR
-            ct = tl.load(c_ptrs, mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-            ut = tl.load(u_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+            rc_mask = (r0 + offs_r) < KR
+            ct = tl.load(c_ptrs, mask=row_mask[:, None] & rc_mask[None, :], other=0.0)
+            ut = tl.load(u_ptrs, mask=rc_mask[:, None] & n_mask[None, :], other=0.0)
             acc = _mma(ct.to(ut.dtype), ut, acc, DOT_PRECISION, UPCAST_DOT)
             c_ptrs += BLOCK_R * stride_cr
             u_ptrs += BLOCK_R * stride_ur
-
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=n_mask, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    _, _, _, y_mem = _row_offsets(pid_m, M, rows_per_sample, tiles_per_sample,
-                                  stride_yb, stride_ym, BLOCK_M, SAMPLE_TILES)
+        acc += bias[None, :]
     y_ptrs = y_ptr + y_mem[:, None] + cols[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+
+    # the program's other N tiles (fused only: the launcher uses N_PER_PROG = 1 otherwise), c reused
+    if FUSED_SHRINK:
+        for t in range(1, N_PER_PROG):
+            offs_n = (tile0 + t) * BLOCK_N + offs_nt
+            n_mask = offs_n < N
+            cols = (group * N + offs_n).to(tl.int64)
+            w_cols = (group * N + offs_n % N).to(tl.int64)
+            w_ptrs = w_ptr + w_cols[None, :] * stride_wn + offs_k[:, None] * stride_wk
+            ut = tl.load(up_ptr + cols[None, :] * stride_un + offs_r[:, None] * stride_ur,
+                         mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)
+            acc = tl.full([BLOCK_M, BLOCK_N], 0, dtype=tl.float32)
+            acc, zacc = _k_loop(acc, zacc, x_ptrs, w_ptrs, x_ptrs, IN, r_mask, stride_xk, stride_wk, stride_dk,
+                                BLOCK_K, False, EVEN_K, DOT_PRECISION, UPCAST_DOT)
+            acc = _mma(c, ut, acc, DOT_PRECISION, UPCAST_DOT)
+            if HAS_BIAS:
+                acc += bias[None, :]
+            y_ptrs = y_ptr + y_mem[:, None] + cols[None, :] * stride_yn
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
@@ -453,13 +559,58 @@ def _validate(x, x_features, weight, bias, down, up, scale, gates, rows_per_samp
     return n, k, kr
 
 
-def _pick_pattern(pattern: str | None, kr: int) -> bool:
-    """True for the fused shrink (pattern A)."""
+def _pick_pattern(pattern: str | None, kr: int, cfg: FwdConfig | None = None) -> bool:
+    """True for the fused shrink (pattern A); "auto" asks the tile config (FWD_TABLE)."""
     if pattern in (None, "auto"):
-        return _pad16(kr) <= FUSED_MAX_RANK
+        return _pad16(kr) <= (cfg.fused_max_rank if cfg is not None else FUSED_MAX_RANK)
     if pattern not in ("fused", "split"):
         raise ValueError(f"pattern must be 'auto', 'fused' or 'split', got {pattern!r}")
     return pattern == "fused"
+
+
+_FORCED_CONFIG: list = []  # forced_config's stack
+
+
+class forced_config:  # noqa: N801 (a context manager used like a function)
+    """``with forced_config(cfg):`` every forward launch uses ``cfg`` instead of FWD_TABLE's pick
+    (benchmarks of the candidates, tests). ``n_per_prog`` forces the N tiles per program (the
+    largest divisor of the N tiles not above it); None keeps the MIN_PROGRAMS rule."""
+
+    def __init__(self, cfg: FwdConfig, n_per_prog: int | None = None):
+        self.entry = (cfg, n_per_prog)
+
+    def __enter__(self):
+        _FORCED_CONFIG.append(self.entry)
+        return self.entry[0]
+
+    def __exit__(self, *exc):
+        _FORCED_CONFIG.remove(self.entry)
+        return False
+
+    def __str__(self):
+        cfg, npp = self.entry
+        return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}" + (
+            f" n_per_prog<={npp}" if npp else "")
+
+
+def _fwd_config(m_rows: int, n: int, dtype: torch.dtype) -> FwdConfig:
+    """FWD_TABLE's tiling for (rows per launch, out per group, dtype), or the forced one."""
+    if _FORCED_CONFIG:
+        return _FORCED_CONFIG[-1][0]
+    if dtype == torch.float32:
+        return CFG_FP32
+    return next(cfg for min_rows, max_out, cfg in FWD_TABLE if m_rows >= min_rows and n <= max_out)
+
+
+def _n_per_prog(tiles_n: int, other_programs: int) -> int:
+    """N tiles per program: the largest divisor of tiles_n keeping the grid >= MIN_PROGRAMS
+    (other_programs = groups * row blocks), 1 if none does; a forced bound caps the divisor."""
+    forced = _FORCED_CONFIG[-1][1] if _FORCED_CONFIG else None
+    best = 1
+    for d in range(1, min(forced or tiles_n, tiles_n) + 1):
+        if tiles_n % d == 0 and (forced or other_programs * (tiles_n // d) >= MIN_PROGRAMS):
+            best = d
+    return best
 
 
 def _fwd_tiles(m_rows: int, n: int, in_f: int, dtype: torch.dtype):
@@ -509,9 +660,15 @@ def _check_row_blocks(m_tiles: int, m_rows: int, block_m: int) -> None:
 
 def _launch_forward(x, x_strides, m_rows, rows_per_sample, sample_tiles, weight, bias, down, up, scale, gates,
                     combine, rank, groups, n, kr, y, y_strides, c_out, fused):
-    """Run the forward into y; c_out ([M, G*K*r] or None) receives the coefficients."""
+    """Run the forward into y; c_out ([M, G*K*r] or None) receives the coefficients. fused: True
+    (pattern A), False (pattern B) or None (the tile config of FWD_TABLE decides)."""
     in_f = weight.shape[1]
-    bm, bn, bk = _fwd_tiles(rows_per_sample if sample_tiles else m_rows, n, in_f, x.dtype)
+    cfg = _fwd_config(rows_per_sample if sample_tiles else m_rows, n, x.dtype)
+    if fused is None:
+        fused = _pick_pattern("auto", kr, cfg)
+    # tiles never larger than the (power-of-two rounded) problem, and at least 16 for tl.dot
+    bm = min(cfg.block_m, _pad16(rows_per_sample if sample_tiles else m_rows))
+    bn, bk = min(cfg.block_n, _pad16(n)), min(cfg.block_k, _pad16(in_f))
     stride_sg = 0 if scale.shape[0] == gates.shape[1] else gates.shape[1]  # 0: one scale shared by groups
     if not fused:
         if c_out is None:
@@ -525,7 +682,9 @@ def _launch_forward(x, x_strides, m_rows, rows_per_sample, sample_tiles, weight,
     tiles_per_sample = triton.cdiv(rows_per_sample, bm)
     m_tiles = gates.shape[0] * tiles_per_sample if sample_tiles else triton.cdiv(m_rows, bm)
     _check_row_blocks(m_tiles, m_rows, bm)
-    grid = (groups * triton.cdiv(n, bn), m_tiles)
+    tiles_n = triton.cdiv(n, bn)
+    n_per_prog = _n_per_prog(tiles_n, groups * m_tiles) if fused else 1
+    grid = (groups * tiles_n // n_per_prog, m_tiles)
     c_arg = c_out if c_out is not None else y
     _gated_spm_fwd_kernel[grid](
         x, weight, bias if bias is not None else x, down, up, scale, gates, c_arg, y,
@@ -541,7 +700,7 @@ def _launch_forward(x, x_strides, m_rows, rows_per_sample, sample_tiles, weight,
         HAS_BIAS=bias is not None, OFFICIAL=combine == "official",
         FUSED_SHRINK=fused, STORE_C=fused and c_out is not None, SAMPLE_TILES=sample_tiles,
         EVEN_K=in_f % bk == 0, DOT_PRECISION=_dot_precision(x.dtype), UPCAST_DOT=_upcast_dot(x.dtype),
-        num_warps=FWD_NUM_WARPS, num_stages=FWD_NUM_STAGES,
+        N_PER_PROG=n_per_prog, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return c_out
 
@@ -559,7 +718,7 @@ def _forward_2d(x, weight, bias, down, up, scale, gates, rows_per_sample, combin
     y = torch.empty((m_rows, weight.shape[0]), device=x.device, dtype=x.dtype)
     c = torch.empty((m_rows, groups * kr), device=x.device, dtype=x.dtype) if store_c else None
     if m_rows > 0:
-        fused = _pick_pattern(pattern, kr)
+        fused = None if pattern in (None, "auto") else _pick_pattern(pattern, kr)  # None: FWD_TABLE decides
         with _device_guard(x):
             _launch_forward(x2, (0, x2.stride(0), x2.stride(1)), m_rows, rows_per_sample, False, weight, bias,
                             down, up, scale, gates, combine, rank, groups, n, kr,
@@ -652,7 +811,7 @@ def gated_spm_conv1x1_triton(
         with _device_guard(x_nchw):
             _launch_forward(x_nchw, (sb, pixel_stride, sc), nb * hw, hw, True, weight, bias, down, up, scale,
                             gates, combine, rank, 1, n, kr, y, (ysb, y_pixel, ysc), None,
-                            _pick_pattern(pattern, kr))
+                            None if pattern in (None, "auto") else _pick_pattern(pattern, kr))
     return y
 
 
@@ -693,7 +852,7 @@ def _backward_triton(dy, x, weight, down, up, scale, gates, c, rows_per_sample, 
             0, dx.stride(0), dx.stride(1),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=min(LOAD_BLOCK_R, _pad16(groups * kr)), RANK=rank,
             HAS_BIAS=False, OFFICIAL=False, FUSED_SHRINK=False, STORE_C=False, SAMPLE_TILES=False,
-            EVEN_K=n_total % bk == 0, DOT_PRECISION=prec, UPCAST_DOT=_upcast_dot(x.dtype),
+            EVEN_K=n_total % bk == 0, DOT_PRECISION=prec, UPCAST_DOT=_upcast_dot(x.dtype), N_PER_PROG=1,
             num_warps=FWD_NUM_WARPS, num_stages=FWD_NUM_STAGES,
         )
     if need_du:

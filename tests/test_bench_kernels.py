@@ -74,3 +74,5 @@ def test_dry_run_end_to_end(tmp_path):
     assert all(t["hit"] is None for t in result["targets"].values())  # no verdict on estimates
     assert "ROOFLINE ESTIMATES, NOT MEASURED" in proc.stdout
     assert len(result["case_list"]["sd15"]) == len(bk.sd15_cases())
+    # every tile candidate (and the one-tile-per-program variant) checked in the interpreter
+    assert len(result["candidates"]) >= 3 * 5 and all(c["ok"] for c in result["candidates"])

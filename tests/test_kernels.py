@@ -69,6 +69,10 @@ def tiles(monkeypatch):
         if kind == "small":
             for name, value in SMALL_TILES.items():
                 monkeypatch.setattr(gl, name, value)
+            # the forward's tile table: 16-wide tiles, fused up to pad16(K*r) = 32 (K = 17 splits)
+            small = gl.FwdConfig(16, 16, 16, 4, 3, 32)
+            monkeypatch.setattr(gl, "FWD_TABLE", ((0, 1 << 30, small),))
+            monkeypatch.setattr(gl, "CFG_FP32", small)
 
     return apply
 
@@ -315,3 +319,120 @@ def test_kernels_package_imports_without_triton():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "LAZY" in out.stdout and "spm_rt[triton]" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("combine", ["linear", "official"])
+def test_expanded_and_strided_gates_are_read_through_their_strides(combine):
+    """gates.expand(B, -1) (row stride 0) and a transposed view were refused ("gates must be
+    contiguous"); the kernels take the strides."""
+    x, w, b, d, u, s, g, rps = _make(21, 37, 29, 3, 1, 1, True, samples=3)
+    lo = [t.float() for t in (x, w, b, d, u)]
+    for gates in (g[1:2].expand(3, -1), g.t().contiguous().t()):
+        assert not gates.is_contiguous()
+        y = gl.gated_spm_linear_triton(*lo, s, gates, rps, combine)
+        want = gated_spm_linear_ref(x, w, b, d, u, s, gates.contiguous(), rps, combine, upcast=True)
+        assert _rel(y, want) < 1e-5
+    xc = torch.randn(2, 8, 3, 5)
+    wc, dc, uc = torch.randn(6, 8, 1, 1), torch.randn(3, 8), torch.randn(6, 3)
+    gc = g[2:3].expand(2, -1)
+    yc = gl.gated_spm_conv1x1_triton(xc, wc, None, dc, uc, s, gc, combine)
+    rows = xc.permute(0, 2, 3, 1).reshape(-1, 8)
+    want = gated_spm_linear_ref(rows, wc[:, :, 0, 0], None, dc, uc, s, gc.contiguous(), 15, combine, upcast=True)
+    assert _rel(yc.permute(0, 2, 3, 1).reshape(-1, 6), want) < 1e-5
+
+
+def test_row_block_grid_limit_checked_in_forward_and_backward(tiles, monkeypatch):
+    """Row blocks run on CUDA grid axis 1 (at most 65535): both the forward and the backward dx
+    launch refuse more before launching anything (a lower limit here, so no huge tensors)."""
+    tiles("small")  # 16-row blocks: 40 rows are 3 row blocks
+    monkeypatch.setattr(gl, "MAX_ROW_BLOCKS", 2)
+    x, w, b, d, u, s, g, rps = _make(40, 16, 16, 2, 1, 1, False, samples=2)
+    x, w, d, u = (t.float() for t in (x, w, d, u))
+    with pytest.raises(ValueError, match="row blocks"):
+        gl.gated_spm_linear_triton(x, w, None, d, u, s, g, rps)
+    dy = torch.randn(40, 16)
+    with pytest.raises(ValueError, match="row blocks"):
+        gl._backward_triton(dy, x, w, d, u, s, g, None, rps, "linear", 1, 1, True, False, False)
+    monkeypatch.setattr(gl, "MAX_ROW_BLOCKS", 3)  # at the limit: runs
+    dx, _, _ = gl._backward_triton(dy, x, w, d, u, s, g, None, rps, "linear", 1, 1, True, False, False)
+    assert dx.shape == x.shape
+
+
+# ---------------------------------------------------------------------------------------------
+# Every forward tiling the runtime can pick (gated_linear.FWD_TABLE / FWD_CANDIDATES / CFG_FP32),
+# forced one by one, with programs looping over several N tiles (the shrink computed once per
+# program) and without.
+
+
+_MODES = [  # (combine, r, K, n_per_prog, pattern)
+    ("linear", 1, 16, 3, "fused"),  # 3 of the N tiles per program: one shrink for three tiles
+    ("official", 2, 5, 2, "fused"),
+    ("linear", 1, 16, 1, "fused"),
+    ("official", 1, 20, 1, "split"),
+]
+
+
+def _config_cases():
+    """fp16: every mode; bf16 (loads, casts, stores: the MMA is the same): one; fp32: every mode."""
+    out = []
+    for cfg in dict.fromkeys(gl.FWD_CANDIDATES + tuple(c for _, _, c in gl.FWD_TABLE)):
+        out += [(cfg, torch.float16, *mode) for mode in _MODES] + [(cfg, torch.bfloat16, *_MODES[1])]
+    return out + [(gl.CFG_FP32, torch.float32, *mode) for mode in _MODES]
+
+
+def test_table_configs_are_candidates():
+    assert {c for _, _, c in gl.FWD_TABLE} <= set(gl.FWD_CANDIDATES)
+    assert gl.FWD_TABLE[-1][:2] == (0, 1 << 30), "the last row must match every shape"
+
+
+@pytest.mark.parametrize("cfg,dtype,combine,r,k,n_per_prog,pattern", _config_cases(),
+                         ids=lambda v: str(v).replace("torch.", "").replace(" ", "") if not isinstance(v, tuple)
+                         else "x".join(map(str, v[:5])))
+def test_every_config_matches_fp64(cfg, dtype, combine, r, k, n_per_prog, pattern):
+    """Odd sizes (masked rows, K loop, columns), bias, 3 samples, strided x rows, 2 groups."""
+    n_tiles = 3 if n_per_prog == 3 else 2
+    m, in_f, out = cfg.block_m + 7 * 3 - (cfg.block_m + 7 * 3) % 3, cfg.block_k + 13, cfg.block_n * (n_tiles - 1) + 9
+    x, w, b, d, u, s, g, rps = _make(m, in_f, out, k, r, 2, True, seed=5)
+    x_big = torch.zeros(m, in_f + 8, dtype=torch.float64)
+    x_big[:, 3:3 + in_f] = x
+    lo = [t.to(dtype) for t in (x_big, w, b, d, u)]
+    xv = lo[0][:, 3:3 + in_f]  # rows strided by in + 8
+    with gl.forced_config(cfg, n_per_prog):
+        y = gl.gated_spm_linear_triton(xv, *lo[1:], s, g, rps, combine, r, 2, pattern=pattern)
+    lo[0] = xv.contiguous()
+    y64 = _grouped_ref(*[t.double() for t in lo], s, g, rps, combine, r, 2, True)
+    torch_err = _rel(_grouped_ref(*lo, s, g, rps, combine, r, 2, False), y64)
+    err = _rel(y, y64)
+    assert err < _tol(dtype, torch_err), f"kernel rel err {err:.2e}, torch at {dtype}: {torch_err:.2e}"
+
+
+@pytest.mark.parametrize("n_tiles,min_programs,want", [(5, 1, 5), (6, 3, 2), (6, 1000, 1), (7, 2, 1), (12, 4, 3), (1, 1, 1)])
+def test_n_per_prog_rule(monkeypatch, n_tiles, min_programs, want):
+    """The largest divisor of the N tiles that keeps the grid at MIN_PROGRAMS or more."""
+    monkeypatch.setattr(gl, "MIN_PROGRAMS", min_programs)
+    assert gl._n_per_prog(n_tiles, 1) == want
+
+
+def test_table_picks(monkeypatch):
+    f16 = torch.float16
+    assert gl._fwd_config(8192, 320, f16) == gl.CFG_64x64
+    assert gl._fwd_config(2048, 1280, f16) == gl.CFG_128x128
+    assert gl._fwd_config(8192, 2560, f16) == gl.CFG_128x256
+    assert gl._fwd_config(154, 640, f16) == gl.CFG_64x64
+    assert gl._fwd_config(8192, 320, torch.float32) == gl.CFG_FP32
+    # 8192 x 320 with 64x64 tiles: 128 row blocks x 5 N tiles; 5 per program keeps 128 programs
+    assert gl._n_per_prog(5, 128) == 5
+
+
+def test_gradients_with_shrink_shared_across_n_tiles(monkeypatch):
+    """STORE_C from a program that loops over N tiles (c written once per row block) feeds d_up."""
+    monkeypatch.setattr(gl, "MIN_PROGRAMS", 1)
+    monkeypatch.setattr(gl, "FWD_TABLE", ((0, 1 << 30, gl.FwdConfig(16, 16, 16, 4, 3, 32)),))
+    x, w, b, d, u, s, g, rps = _make(21, 37, 45, 3, 1, 2, True, seed=2)  # 3 N tiles per group
+    dy = torch.randn(21, 90, dtype=torch.float64)
+    xs, ds, us = (t.float().clone().requires_grad_() for t in (x, d, u))
+    gl.GatedSPMLinearFunction.apply(xs, w.float(), b.float(), ds, us, s, g, rps, "official", 1, 2).backward(dy.float())
+    x64, d64, u64 = (t.clone().requires_grad_() for t in (x, d, u))
+    _grouped_ref(x64, w, b, d64, u64, s, g, rps, "official", 1, 2, True).backward(dy)
+    for got, want in ((xs.grad, x64.grad), (ds.grad, d64.grad), (us.grad, u64.grad)):
+        assert _rel(got, want) < 1e-5
