@@ -92,6 +92,8 @@ def load_kernels(repo: str):
 def variant_specs(gl, ranks):
     """Every (kernel, constexprs, aligned) to build for one arch/dtype."""
     common = dict(DOT_PRECISION="tf32", UPCAST_DOT=False)  # tf32 is ignored for 16-bit inputs
+    # one N tile per program: the C launcher's grid is (G * N tiles, row blocks)
+    fwd_common = dict(common, N_PER_PROG=1) if "N_PER_PROG" in gl._gated_spm_fwd_kernel.arg_names else common
     specs = []
     for official in (False, True):
         for rank in ranks:
@@ -101,14 +103,14 @@ def variant_specs(gl, ranks):
                         specs.append(("_gated_spm_fwd_kernel", dict(
                             BLOCK_M=block_m, BLOCK_N=gl.FWD_BLOCK_N, BLOCK_K=gl.FWD_BLOCK_K, BLOCK_R=block_r,
                             RANK=rank, HAS_BIAS=has_bias, OFFICIAL=official, FUSED_SHRINK=True, STORE_C=False,
-                            SAMPLE_TILES=False, EVEN_K=aligned, **common), aligned))
+                            SAMPLE_TILES=False, EVEN_K=aligned, **fwd_common), aligned))
     for has_bias in (False, True):
         for aligned, block_m in FWD_LAYOUTS:
             # OFFICIAL and RANK are unused when c is loaded: compiled once with the defaults
             specs.append(("_gated_spm_fwd_kernel", dict(
                 BLOCK_M=block_m, BLOCK_N=gl.FWD_BLOCK_N, BLOCK_K=gl.FWD_BLOCK_K, BLOCK_R=gl.LOAD_BLOCK_R, RANK=1,
                 HAS_BIAS=has_bias, OFFICIAL=False, FUSED_SHRINK=False, STORE_C=False, SAMPLE_TILES=False,
-                EVEN_K=aligned, **common), aligned))
+                EVEN_K=aligned, **fwd_common), aligned))
     for official in (False, True):
         for rank in ranks:
             for block_r in SHRINK_BLOCK_R:
