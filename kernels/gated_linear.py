@@ -103,6 +103,10 @@ LOWRANK_TARGET_PROGRAMS = 264
 MAX_ROW_BLOCKS = 65535
 # Exact fp32: the contract is fp32 relative error < 1e-5, which tf32 (~3e-4) would break.
 FP32_DOT_PRECISION = "ieee"
+# The fused forward loads its gates [BLOCK_M, BLOCK_R] (fp32) and U tile before the K loop only up to
+# this many gate elements (16 registers per thread at 4 warps); above it (128 x 32 and wider) the
+# registers held through the loop made the sm_80 M128 variants spill (native ctest spm_cubins).
+PREFETCH_MAX_ELEMS = tl.constexpr(2048)
 
 
 class FwdConfig(NamedTuple):
@@ -293,8 +297,8 @@ def _gated_spm_fwd_kernel(
 
     FUSED_SHRINK: c_g = coefficients(x D_g^T) from the x tiles of the first tile's main loop
     (pattern A), computed once per program and reused by its other N tiles; optionally written to
-    c (STORE_C, for the backward). The gates, the scale, U and the bias of the first tile are loaded
-    before the main loop, so their latency overlaps it. Otherwise c is read from c_ptr ([M, G*KR])
+    c (STORE_C, for the backward). The bias of each tile, and (up to PREFETCH_MAX_ELEMS) the gates,
+    the scale and U of the first tile are loaded before the main loop, so their latency overlaps it. Otherwise c is read from c_ptr ([M, G*KR])
     in BLOCK_R chunks (pattern B, and the backward's dx = dy W + dz D).
     """
     pid_n = tl.program_id(0)  # n fastest: the N tiles of one row block run together, sharing x in L2
@@ -326,14 +330,20 @@ def _gated_spm_fwd_kernel(
     zacc = tl.full([BLOCK_M, BLOCK_R], 0, dtype=tl.float32)
     r_mask = offs_r < KR
     if FUSED_SHRINK:
-        g, s = _load_gating(gates_ptr, scale_ptr + group * stride_sg, sample, row_mask, offs_r, KR,
-                            stride_gb, stride_gk, RANK, OFFICIAL)
-        ut = tl.load(up_ptr + cols[None, :] * stride_un + offs_r[:, None] * stride_ur,
-                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+        if BLOCK_M * BLOCK_R <= PREFETCH_MAX_ELEMS:  # held through the loop: only while that is cheap
+            g, s = _load_gating(gates_ptr, scale_ptr + group * stride_sg, sample, row_mask, offs_r, KR,
+                                stride_gb, stride_gk, RANK, OFFICIAL)
+            ut = tl.load(up_ptr + cols[None, :] * stride_un + offs_r[:, None] * stride_ur,
+                         mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
         d_rows = (group * KR + offs_r).to(tl.int64)
         d_ptrs = down_ptr + d_rows[None, :] * stride_dr + offs_k[:, None] * stride_dk  # [BLOCK_K, BLOCK_R]
         acc, zacc = _k_loop(acc, zacc, x_ptrs, w_ptrs, d_ptrs, IN, r_mask, stride_xk, stride_wk, stride_dk,
                             BLOCK_K, True, EVEN_K, DOT_PRECISION, UPCAST_DOT)
+        if BLOCK_M * BLOCK_R > PREFETCH_MAX_ELEMS:
+            g, s = _load_gating(gates_ptr, scale_ptr + group * stride_sg, sample, row_mask, offs_r, KR,
+                                stride_gb, stride_gk, RANK, OFFICIAL)
+            ut = tl.load(up_ptr + cols[None, :] * stride_un + offs_r[:, None] * stride_ur,
+                         mask=r_mask[:, None] & n_mask[None, :], other=0.0)
         c = _apply_gating(zacc, g, s, offs_r, RANK, OFFICIAL)
         if STORE_C:
             if tile0 == 0:  # one program per (group, row block) writes c for the backward
