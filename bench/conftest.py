@@ -318,7 +318,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
 
 # ---------------------------------------------------------------------------------------------
-# paired timing: every timed round of a variant follows a base round (interleaved)
+# paired timing: every timed round of a variant is paired with a base round next to it, the base
+# first in even rounds and second in odd ones (interleaved, alternating)
 
 def sync():
     if DEVICE == "cuda":
@@ -362,15 +363,32 @@ def run_paired(benchmark, case: Case, fn, base_fn=None, *, rounds: int, warmup_r
     base_wall: list[float] = []
     wall: list[float] = []
 
+    # The base round runs before the variant in even rounds and after it in odd ones (as the first
+    # thing of the next round's setup, or after the last round): a drift within a round (thermal,
+    # allocator, another process) then biases half the pairs each way instead of every ratio alike.
+    order: list[str] = []
+    pending = [False]  # an odd round's base still to run
+
+    def run_base():
+        with base_context() if base_context is not None else contextlib.nullcontext():
+            sync()
+            w0, c0 = time.perf_counter(), clock()
+            base_fn()
+            sync()
+            base_times.append(clock() - c0)
+            base_wall.append(time.perf_counter() - w0)
+
     def before_round():
         if base_fn is not None:
-            with base_context() if base_context is not None else contextlib.nullcontext():
-                sync()
-                w0, c0 = time.perf_counter(), clock()
-                base_fn()
-                sync()
-                base_times.append(clock() - c0)
-                base_wall.append(time.perf_counter() - w0)
+            if pending[0]:
+                run_base()
+                pending[0] = False
+            if len(order) % 2 == 0:
+                run_base()
+                order.append("base-first")
+            else:
+                pending[0] = True
+                order.append("variant-first")
         if setup is not None:
             setup()
         sync()
@@ -383,7 +401,10 @@ def run_paired(benchmark, case: Case, fn, base_fn=None, *, rounds: int, warmup_r
 
     benchmark.group = f"{case.arch} {case.scenario} {case.prompts}p"
     benchmark.pedantic(target, setup=before_round, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+    if pending[0]:
+        run_base()
     info = benchmark.extra_info
+    info["pair_order"] = order[warmup_rounds:]
     info.update(asdict(case))
     info["versions"] = versions()
     info["hardware"] = hardware()

@@ -61,13 +61,16 @@ def gate_coefficients(
     def per_k(t):  # [B, K] -> broadcastable against z
         return t.reshape(view)
 
+    def as_(t, dtype):  # no cast node where none is needed (an ONNX Cast would sit between scale and its Mul)
+        return t if t.dtype == dtype else t.to(dtype)
+
     acc = torch.promote_types(z.dtype, torch.float32)
-    g = gates.to(acc)
+    g = as_(gates, acc)
     if combine == "linear":
-        coef = per_k((g * scale.to(acc)).to(z.dtype))
+        coef = per_k(as_(g * as_(scale, acc), z.dtype))
         return z.mul_(coef) if inplace else z * coef
-    w = (z * per_k(g.to(z.dtype))).sum(dim=k_axis, keepdim=True)
-    return w * per_k((g * scale[0].to(acc)).to(z.dtype))
+    w = (z * per_k(as_(g, z.dtype))).sum(dim=k_axis, keepdim=True)
+    return w * per_k(as_(g * as_(scale[0], acc), z.dtype))
 
 
 def spm_coefficients(

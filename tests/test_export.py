@@ -19,6 +19,8 @@ from spm_rt.formats import adapted_modules  # noqa: E402
 from spm_rt.testing import random_spm, tiny_pipeline  # noqa: E402
 from spm_rt.transport import encode_prompts  # noqa: E402
 
+from dense import dense_unet  # noqa: E402
+
 from spm_rt.export.onnx import check_onnx, export_onnx, read_manifest, set_onnx_spms  # noqa: E402
 from spm_rt.export.ort import ONNXPipeline, run_onnx_pipeline  # noqa: E402
 
@@ -185,16 +187,18 @@ def test_folded_graph_equals_merged_pytorch(tmp_path):
                         transport="fixed", fixed_gates=fixed)
     manifest = export_onnx(rt, tmp_path, gates="folded", components=("unet",))
     x, kwargs = unet_inputs(pipe, 2)
-    with torch.no_grad(), use_gates(rt, torch.tensor([fixed])):  # merged weights for one gate vector
-        expected = pipe.unet(x["sample"], x["timestep"], x["encoder_hidden_states"]).sample.numpy()
     base = torch_unet(pipe, x, kwargs)
+    # independent dense math (explicit per-SPM loops in float64, tests/dense.py), not the runtime's merge
+    dense = dense_unet(rt.remove().unet, spms_for(pipe.unet, CONCEPTS_A), fixed, "official")
+    with torch.no_grad():
+        expected = dense(x["sample"], x["timestep"], x["encoder_hidden_states"]).sample.numpy()
     got = ort_unet(tmp_path, x)
     assert np.abs(got - expected).max() < 1e-4, np.abs(got - expected).max()
     assert np.abs(expected - base).max() > 1e-2
     model = onnx.load(str(tmp_path / "unet" / "model.onnx"))
     assert [i.name for i in model.graph.input] == ["sample", "timestep", "encoder_hidden_states"]
     names = {i.name for i in model.graph.initializer if not i.name.startswith(("onnx::", "/"))}
-    assert names <= set(rt.remove().unet.state_dict())  # the base UNet's structure and names
+    assert names <= set(pipe.unet.state_dict())  # the base UNet's structure and names
     assert manifest["gates_mode"] == "folded" and manifest["fixed_gates"] == fixed
     with pytest.raises(ValueError, match="gates='input'"):
         set_onnx_spms(tmp_path, spms_for(pipe.unet, CONCEPTS_A))

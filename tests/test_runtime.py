@@ -11,25 +11,7 @@ from spm_rt import SPMFormatError, load_spm, use_gates
 from spm_rt.formats import adapted_modules, lora_key
 from spm_rt.testing import random_spm, tiny_pipeline
 
-
-def dense_unet(unet, spms, gates, combine):
-    """A copy of ``unet`` whose adapted weights hold the SPM update for one gate vector, written
-    with explicit per-SPM loops in float64 (independent of spm_rt's stacking and kernels)."""
-    u = copy.deepcopy(unet)
-    for path, m in adapted_modules(u).items():
-        key = lora_key(path)
-        out_f, in_f = m.weight.shape[:2]
-        w = m.weight.data.double().reshape(out_f, in_f)
-        terms = [(float(g), s.weights[key]) for g, s in zip(gates, spms)]
-        if combine == "linear":
-            delta = sum(g * (mw.alpha / mw.rank) * (mw.up.double() @ mw.down.double()) for g, mw in terms)
-        else:
-            up_sum = sum(g * mw.up.double() for g, mw in terms)
-            down_sum = sum(g * mw.down.double() for g, mw in terms)
-            first = terms[0][1]
-            delta = (first.alpha / first.rank) * (up_sum @ down_sum)
-        m.weight.data = (w + delta).to(m.weight.dtype).view_as(m.weight)
-    return u
+from dense import dense_unet
 
 
 def unet_inputs(pipe, batch, seed=0):
@@ -126,10 +108,23 @@ def test_batch_of_prompts_equals_each_alone(pipe, spm_files):
     for i, p in enumerate(prompts):
         alone = _images(rt, [p], [3 + i])
         np.testing.assert_allclose(batch[i], alone[0], atol=2e-5)
-    # and with two images per prompt, each prompt's gates cover both images and both CFG halves
+    # two images per prompt: each prompt's gates reach its two images in both CFG halves, seen by
+    # the layers as UNet rows [uncond p0 p0 p1 p1 | cond p0 p0 p1 p1], and every image equals a
+    # single-prompt run of the same seeds
+    seen = []
+    layer = next(iter(rt.layers.values()))
+    hook = layer.register_forward_pre_hook(lambda m, args: seen.append(
+        m.spm_state.row_gates[: args[0].shape[0]].clone()))
     two = rt(prompts[:2], num_images_per_prompt=2, num_inference_steps=2, output_type="np",
              generator=[torch.Generator().manual_seed(s) for s in range(4)]).images
-    assert two.shape[0] == 4
+    hook.remove()
+    g0, g1 = gates[0].tolist(), gates[1].tolist()
+    want_rows = torch.tensor([g0, g0, g1, g1, g0, g0, g1, g1])
+    assert seen and all(torch.equal(r[:, : want_rows.shape[1]], want_rows) for r in seen)
+    for i, p in enumerate(prompts[:2]):
+        alone = rt([p], num_images_per_prompt=2, num_inference_steps=2, output_type="np",
+                   generator=[torch.Generator().manual_seed(s) for s in (2 * i, 2 * i + 1)]).images
+        np.testing.assert_allclose(two[2 * i:2 * i + 2], alone, atol=2e-5)
 
 
 def test_remove_is_bit_exact_after_many_cycles(pipe, spm_files):
@@ -321,6 +316,7 @@ def test_sdxl_end_to_end(tmp_path):
 
 
 def test_img2img_and_inpaint_variants(pipe, spm_files):
+    spms = [load_spm(f) for f in spm_files]
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
     from PIL import Image
 
@@ -334,10 +330,20 @@ def test_img2img_and_inpaint_variants(pipe, spm_files):
         p.set_progress_bar_config(disable=True)
         kw = dict(num_inference_steps=3, output_type="np", **extra)
         base = p(["a red circle", "a cat"], generator=[torch.Generator().manual_seed(s) for s in (0, 1)], **kw).images
+        gates = torch.tensor([1.0, 0.5, 0.25])
+        # dense math: the same pipeline class on a copy of the UNet holding W + update (tests/dense.py)
+        dense = cls(**{**pipe.components, "unet": dense_unet(pipe.unet, spms, gates, "linear")})
+        dense.set_progress_bar_config(disable=True)
+        want = dense(["a red circle", "a cat"], generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
+                     **kw).images
         rt = spm_rt.compile(p, spm_files)
-        got = rt(["a red circle", "a cat"], generator=[torch.Generator().manual_seed(s) for s in (0, 1)], **kw).images
+        for strategy in ("auto", "gated"):  # merged weights, then the per-row gated path
+            rt.layer_config.strategy = strategy
+            got = rt(["a red circle", "a cat"], gates=gates,
+                     generator=[torch.Generator().manual_seed(s) for s in (0, 1)], **kw).images
+            assert np.abs(got - base).max() > 1e-2  # the SPMs act
+            np.testing.assert_allclose(got, want, atol=1e-4)
         rt.remove()
-        assert got.shape == base.shape and np.abs(got - base).max() > 1e-4
 
 
 def test_sixty_four_spms(pipe):
@@ -364,3 +370,51 @@ def test_calibrated_transport_closes_negatives_and_opens_token_hits(pipe, spm_fi
     assert g[3, 0] == 1.0 and g[4, 1] == 1.0  # the concept's tokens in the prompt open it fully
     assert ((g >= 0) & (g <= 1)).all()
     rt.remove()
+
+
+@pytest.mark.parametrize("strategy", ["gated", "merged", "auto"])
+def test_official_scale_is_the_first_spms_for_the_whole_network(pipe, strategy):
+    """The reference runs the summed adapter with the first SPM's metadata alpha/rank everywhere:
+    where SPM 0 does not adapt a module, SPM 1's update must still apply (it was dropped when the
+    scale came from SPM 0's per-module entry, 0 there)."""
+    first = random_spm(pipe.unet, "a", seed=0, alpha=1.0)
+    keys = sorted(first.weights)
+    first.weights = {k: v for i, (k, v) in enumerate(sorted(first.weights.items())) if i % 2}  # half the modules
+    second = random_spm(pipe.unet, "b", seed=1, alpha=3.0)
+    spms = [first, second]
+    assert len(first.weights) < len(keys)
+    sample, t, emb = unet_inputs(pipe, 2)
+    gates = torch.tensor([[0.8, 1.0], [0.5, 0.9]]) if strategy == "gated" else torch.tensor([[0.8, 1.0]] * 2)
+    with torch.no_grad():
+        want = torch.cat([dense_unet(pipe.unet, spms, gates[b], "official")(sample[b:b + 1], t, emb[b:b + 1]).sample
+                          for b in range(2)])
+        rt = spm_rt.compile(pipe, spms, combine="official", strategy=strategy, transport="fixed")
+        with use_gates(rt, gates):
+            got = pipe.unet(sample, t, emb).sample
+        rt.remove()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_keywords_override_a_given_config(pipe):
+    from spm_rt.compile import SPMConfig
+
+    spm = random_spm(pipe.unet, "a")
+    rt = spm_rt.compile(pipe, [spm], config=SPMConfig(), combine="official", strategy="gated", k_max=3)
+    assert (rt.config.combine, rt.layer_config.combine, rt.layer_config.strategy, rt.k_max) == (
+        "official", "official", "gated", 3)
+    rt.remove()
+    with pytest.raises(TypeError, match="merge_cache_size"):
+        spm_rt.compile(pipe, [spm], config=SPMConfig(), merge_cache_size=7)
+    assert getattr(pipe, "_spm_rt", None) is None
+
+
+@pytest.mark.parametrize("change", [dict(stride=(2, 2)), dict(padding=(1, 1)), dict(dilation=(2, 2))])
+def test_strided_padded_or_dilated_1x1_conv_is_refused(pipe, change):
+    path = next(p for p, m in adapted_modules(pipe.unet).items() if isinstance(m, torch.nn.Conv2d))
+    conv = pipe.unet.get_submodule(path)
+    for name, value in change.items():
+        setattr(conv, name, value)
+    spm = random_spm(pipe.unet, "a")
+    with pytest.raises(SPMFormatError, match="stride 1 and no padding/dilation"):
+        spm_rt.compile(pipe, [spm])
+    assert getattr(pipe, "_spm_rt", None) is None and pipe.unet.get_submodule(path) is conv
