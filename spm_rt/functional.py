@@ -2,8 +2,10 @@
 
 ``torch`` backend: two extra small GEMMs with in-place gating and an in-place ``addmm_`` expand
 (no concatenated weights, no output copies). ``triton`` backend: the fused kernels in
-``spm_rt.kernels.gated_linear`` (CUDA, or CPU under ``TRITON_INTERPRET=1``). Both are
-autograd-compatible for the training path (the torch one through PyTorch's own autograd).
+``spm_rt.kernels.gated_linear`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), called as the
+``torch.library`` ops of ``spm_rt.kernels.ops``. Both are autograd-compatible for the training path
+(the torch one through PyTorch's own autograd). ``native``: the AOT-compiled ``libspm_kernels``
+(``spm_rt.kernels.native``, forward only, no JIT), the Triton op where it has no variant.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 
 from spm_rt.kernels.reference import gate_coefficients
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "native")
 
 
 @functools.lru_cache(maxsize=1)
@@ -40,6 +42,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError(f"backend='triton' on a {device.type} tensor needs TRITON_INTERPRET=1 "
                                "(set before triton is imported) or a CUDA device")
+    if backend == "native":
+        # the AOT-compiled library (CMakeLists.txt): no JIT at first call; forward only (training,
+        # fp32 and shapes without a compiled variant fall back to the Triton op at call time)
+        from spm_rt.kernels import native
+
+        reason = native.unavailable_reason(device)
+        if reason is not None:
+            raise RuntimeError(f"backend='native' cannot run on {device}: {reason}")
     return backend
 
 
@@ -60,7 +70,13 @@ def gated_linear(
     in_f = x.shape[-1]
     x2 = x.reshape(-1, in_f)
     rows = x2.shape[0] // n
-    if backend == "triton":
+    if backend == "native" and not (torch.is_grad_enabled() and (x.requires_grad or down.requires_grad
+                                                                  or up.requires_grad)):
+        from spm_rt.kernels.ops import gated_linear_native_op
+
+        y = gated_linear_native_op(x2.contiguous(), weight, bias, down, up, scale, gates, rows, combine, rank, 1)
+        return y.view(*x.shape[:-1], weight.shape[0])
+    if backend in ("triton", "native"):
         from spm_rt.kernels.ops import gated_linear as op
 
         return op(x2, weight, bias, down, up, scale, gates, rows, combine, rank).view(*x.shape[:-1], weight.shape[0])
@@ -90,7 +106,7 @@ def gated_conv1x1(
 ) -> torch.Tensor:
     """The same op for a 1x1 Conv2d on NCHW input (SD1.x ``proj_in``/``proj_out``): [N, out, H, W]."""
     n, c_in, h, w = x.shape
-    if backend == "triton":
+    if backend in ("triton", "native"):  # the native library has no NCHW variant: the Triton op
         if not (torch.is_grad_enabled() and (x.requires_grad or down.requires_grad or up.requires_grad)):
             from spm_rt.kernels.ops import gated_conv1x1_op
 
