@@ -126,8 +126,12 @@ class FwdConfig(NamedTuple):
 CFG_128x64 = FwdConfig(128, 64, 64, 4, 3, 64)  # the first kernels' tile
 CFG_64x64 = FwdConfig(64, 64, 64, 4, 4, 64)  # small M (more programs) and narrow outputs
 CFG_128x128 = FwdConfig(128, 128, 64, 8, 3, 64)  # compute-bound: two warpgroups, half the W re-reads
-CFG_128x256 = FwdConfig(128, 256, 64, 8, 3, 32)  # wide ff outputs: 128 fp32 acc registers per thread
-CFG_FP32 = FwdConfig(64, 64, 32, 4, 3, 64)  # exact fp32 dots run on FMA units: small tiles, no spills
+# wide ff outputs: 128 fp32 acc registers per thread. A candidate only, not in FWD_TABLE: with 2 N
+# tiles per program it spilled (712 B stack, sm_90, triton 3.9); with 5 it did not (248 registers)
+CFG_128x256 = FwdConfig(128, 256, 64, 8, 3, 32)
+# exact fp32 dots run on FMA units: small tiles; fused only up to K*r 16 (at 64, with 5 N tiles per
+# program holding c, it spilled 2 KB)
+CFG_FP32 = FwdConfig(64, 64, 32, 4, 3, 16)
 FWD_CANDIDATES = (CFG_128x64, CFG_64x64, CFG_128x128, CFG_128x256)
 
 # The per-shape table for 16-bit inputs, keyed on (M bucket, out, K*r): the first row with
@@ -137,13 +141,11 @@ FWD_CANDIDATES = (CFG_128x64, CFG_64x64, CFG_128x128, CFG_128x256)
 # * M < 2048 (16x16 / 8x8 latents, 154 text rows): 64-row tiles, or too few programs for 132 SMs;
 # * out <= 640 at M >= 2048 (SD1.5 64x64 / 32x32 attention, memory-bound or nearly): 64x64 tiles,
 #   each program looping over n_per_prog N tiles of its row block computes the shrink once;
-# * out 1280 and ff out (in = 4C): 128x128, 8 warps;
-# * out >= 2048 (ff GEGLU in, 2560..10240 wide): 128x256, 8 warps (compute-bound, fewest re-reads);
-#   fused only up to K*r 32 there (the shrink accumulator shares the register file with a 128x256 tile).
+# * out >= 1280 (attention at 1280, ff GEGLU in 2560..10240 wide): 128x128, 8 warps (compute-bound;
+#   128x256 would re-read less but spills in some N-loop variants, see CFG_128x256).
 FWD_TABLE = (  # (min rows, max out per group, config)
     (2048, 640, CFG_64x64),
-    (2048, 1280, CFG_128x128),
-    (2048, 1 << 30, CFG_128x256),
+    (2048, 1 << 30, CFG_128x128),
     (0, 1 << 30, CFG_64x64),
 )
 # Target number of programs of one forward launch, about one per SM of an H100/H200 (132 SMs):
@@ -686,14 +688,16 @@ def _launch_forward(x, x_strides, m_rows, rows_per_sample, sample_tiles, weight,
         _launch_shrink(x, x_strides, 0, down, down.stride(0), down.stride(1), kr * down.stride(0),
                        scale, stride_sg, gates, c_out, m_rows, in_f, kr, groups, rows_per_sample,
                        sample_tiles, combine, rank)
-        block_r = min(LOAD_BLOCK_R, _pad16(kr))
+        # fp32 (FMA dots): 32-wide c chunks; 64 spilled 8 B in the 64x64x32 tile under triton 3.6
+        block_r = min(LOAD_BLOCK_R if x.dtype != torch.float32 else min(LOAD_BLOCK_R, 32), _pad16(kr))
     else:
         block_r = _pad16(kr)
     tiles_per_sample = triton.cdiv(rows_per_sample, bm)
     m_tiles = gates.shape[0] * tiles_per_sample if sample_tiles else triton.cdiv(m_rows, bm)
     _check_row_blocks(m_tiles, m_rows, bm)
     tiles_n = triton.cdiv(n, bn)
-    n_per_prog = _n_per_prog(tiles_n, groups * m_tiles) if fused else 1
+    # fp32 (FMA dots) keeps one N tile per program: with 2 its 64x64x32 tile spilled 88 B (sm_90)
+    n_per_prog = _n_per_prog(tiles_n, groups * m_tiles) if fused and x.dtype != torch.float32 else 1
     grid = (groups * tiles_n // n_per_prog, m_tiles)
     c_arg = c_out if c_out is not None else y
     _gated_spm_fwd_kernel[grid](

@@ -382,6 +382,7 @@ def _config_cases():
 
 def test_table_configs_are_candidates():
     assert {c for _, _, c in gl.FWD_TABLE} <= set(gl.FWD_CANDIDATES)
+    assert gl._pick_pattern("auto", 32, gl.CFG_FP32) is False  # fp32 fuses up to K*r 16 only
     assert gl.FWD_TABLE[-1][:2] == (0, 1 << 30), "the last row must match every shape"
 
 
@@ -417,7 +418,7 @@ def test_table_picks(monkeypatch):
     f16 = torch.float16
     assert gl._fwd_config(8192, 320, f16) == gl.CFG_64x64
     assert gl._fwd_config(2048, 1280, f16) == gl.CFG_128x128
-    assert gl._fwd_config(8192, 2560, f16) == gl.CFG_128x256
+    assert gl._fwd_config(8192, 2560, f16) == gl.CFG_128x128
     assert gl._fwd_config(154, 640, f16) == gl.CFG_64x64
     assert gl._fwd_config(8192, 320, torch.float32) == gl.CFG_FP32
     # 8192 x 320 with 64x64 tiles: 128 row blocks x 5 N tiles; 5 per program keeps 128 programs
