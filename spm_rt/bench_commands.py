@@ -167,7 +167,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _scenario_title(arch: str, scenario: str, prompts: int, sample: Result) -> str:
-    what = {"step": "one UNet denoising step (CFG)", "generation": f"generation, {sample.get('steps')} steps (CFG)"}
+    what = {"step": "one UNet denoising step (CFG)", "generation": f"generation, {sample.get('steps')} steps (CFG)",
+            "compiled-generation": f"torch.compile'd generation, {sample.get('steps')} steps (CFG), vs compiled base"}
     return f"{arch}: {what.get(scenario, scenario)}, {prompts} prompt{'s' if prompts > 1 else ''}"
 
 
@@ -414,7 +415,7 @@ def plot_ratios(results: list[Result], path: Path) -> Path | None:
             seq = any(r.get("options", {}).get("sequential_prompts") for r in mr)
             ax.errorbar(ks, ys, yerr=[lo, hi], marker="o", capsize=3, color=colors.get(method),
                         label=method + (" (one prompt at a time)" if seq else ""))
-        if scenario in ("step", "generation"):
+        if scenario in ("step", "generation", "compiled-generation"):
             ax.axhline(1.0, color="black", lw=0.8, ls="--")
             steps = rs[0].get("steps")
             ax.set_title(f"{arch}: {scenario}{f', {steps} steps' if steps else ''}, {prompts} prompt"
