@@ -51,7 +51,8 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without triton
     raise ImportError("spm_rt.kernels.gated_linear needs triton: pip install 'spm_rt[triton]'") from exc
 
-from spm_rt.kernels.reference import COMBINES, gated_spm_linear_bwd_ref, gated_spm_linear_torch  # noqa: F401 (re-exported)
+from spm_rt.kernels.reference import (  # noqa: F401 (the torch formulas are re-exported)
+    COMBINES, check_operand_shapes, check_operand_types, gated_spm_linear_bwd_ref, gated_spm_linear_torch)
 
 __all__ = [
     "gated_spm_linear_triton",
@@ -518,57 +519,15 @@ def _validate(x, x_features, weight, bias, down, up, scale, gates, rows_per_samp
     """Check everything a launch relies on; returns (N per group, K, K*r)."""
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
-    if not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be a positive int, got {rank!r}")
-    if not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x must be float16, bfloat16 or float32 for the Triton path, got {x.dtype}")
-    named = {"weight": weight, "down": down, "up": up, "bias": bias}
-    for name, t in named.items():
-        if t is None:
-            continue
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype}, expected x's dtype {x.dtype}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (call .contiguous() once when stacking)")
-    for name, t in {"scale": scale, "gates": gates}.items():
-        if t.dtype != torch.float32:
-            raise TypeError(f"{name} must be float32, got {t.dtype}")
-    if not scale.is_contiguous():
-        raise ValueError("scale must be contiguous")
     # gates may be strided (an ``expand``ed [1, K] -> [B, K] has row stride 0): the kernels read
     # them through (stride_gb, stride_gk)
-    all_t = [x, weight, down, up, scale, gates] + ([bias] if bias is not None else [])
-    if any(t.device != x.device for t in all_t):
-        raise ValueError(f"all tensors must be on one device, got {sorted({str(t.device) for t in all_t})}")
+    check_operand_types(x, weight, bias, down, up, scale, gates, rank, groups, gates_contiguous=False)
     if not x.is_cuda and not _interpreting():
         raise ValueError(f"the Triton path needs CUDA tensors (got {x.device}); use gated_spm_linear_ref on CPU")
-    if weight.dim() != 2 or down.dim() != 2 or up.dim() != 2:
-        raise ValueError("weight, down and up must be 2-D: [G*out, in], [G*K*r, in], [G*out, K*r]")
-    if gates.dim() != 2:
-        raise ValueError(f"gates must be [B, K], got shape {tuple(gates.shape)}")
-    n_total, in_f = weight.shape
-    if n_total % groups:
-        raise ValueError(f"weight has {n_total} rows, not divisible by groups={groups}")
-    n = n_total // groups
-    k = gates.shape[1]
-    kr = k * rank
-    if x_features != in_f:
-        raise ValueError(f"x has {x_features} features, weight expects {in_f}")
-    if tuple(down.shape) != (groups * kr, in_f):
-        raise ValueError(f"down must be [G*K*r, in] = [{groups * kr}, {in_f}], got {tuple(down.shape)}")
-    if tuple(up.shape) != (n_total, kr):
-        raise ValueError(f"up must be [G*out, K*r] = [{n_total}, {kr}], got {tuple(up.shape)}")
-    if bias is not None and tuple(bias.shape) != (n_total,):
-        raise ValueError(f"bias must be [G*out] = [{n_total}], got {tuple(bias.shape)}")
-    if scale.dim() != 1 or scale.shape[0] not in (k, groups * k):
-        raise ValueError(f"scale must be [K] or [G*K] with K = {k}, got {tuple(scale.shape)}")
-    if not isinstance(rows_per_sample, int) or rows_per_sample < 1:
-        raise ValueError(f"rows_per_sample must be a positive int, got {rows_per_sample!r}")
-    if gates.shape[0] * rows_per_sample != m_rows:
-        raise ValueError(f"{m_rows} rows do not split into {gates.shape[0]} samples of {rows_per_sample} rows")
-    return n, k, kr
+    return check_operand_shapes(x_features, m_rows, weight, bias, down, up, scale, gates, rows_per_sample, rank,
+                                groups)
 
 
 def _pick_pattern(pattern: str | None, kr: int, cfg: FwdConfig | None = None) -> bool:

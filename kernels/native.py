@@ -313,50 +313,16 @@ def plan(m: int, in_features: int, out_features: int, num_spms: int, rank: int =
 
 def _check_tensors(x2, weight, bias, down, up, scale, gates, rows_per_sample, rank, groups):
     """The tensor facts the C API cannot see (it gets pointers and sizes): returns (out, K)."""
-    if not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be a positive int, got {rank!r}")
-    if not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    from spm_rt.kernels.reference import check_operand_shapes, check_operand_types
+
     if not isinstance(rows_per_sample, int) or rows_per_sample < 1:
         raise ValueError(f"rows_per_sample must be a positive int, got {rows_per_sample!r}")
-    named = {"weight": weight, "down": down, "up": up, "bias": bias}
-    for name, t in named.items():
-        if t is None:
-            continue
-        if t.dtype != x2.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype}, expected x's dtype {x2.dtype}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (call .contiguous() once when stacking)")
-    for name, t in {"scale": scale, "gates": gates}.items():
-        if t.dtype != torch.float32:
-            raise TypeError(f"{name} must be float32, got {t.dtype}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-    all_t = [x2, weight, down, up, scale, gates] + ([bias] if bias is not None else [])
-    if any(t.device != x2.device for t in all_t):
-        raise ValueError(f"all tensors must be on one device, got {sorted({str(t.device) for t in all_t})}")
+    check_operand_types(x2, weight, bias, down, up, scale, gates, rank, groups, gates_contiguous=True)
     if not x2.is_cuda:
         raise ValueError(f"the native path needs CUDA tensors (got {x2.device}); use gated_spm_linear_ref on CPU")
-    if weight.dim() != 2 or down.dim() != 2 or up.dim() != 2 or gates.dim() != 2:
-        raise ValueError("weight, down, up and gates must be 2-D: [G*out, in], [G*K*r, in], [G*out, K*r], [B, K]")
-    n_total, in_f = weight.shape
-    if n_total % groups:
-        raise ValueError(f"weight has {n_total} rows, not divisible by groups={groups}")
-    k = gates.shape[1]
-    kr = k * rank
-    if x2.shape[1] != in_f:
-        raise ValueError(f"x has {x2.shape[1]} features, weight expects {in_f}")
-    if tuple(down.shape) != (groups * kr, in_f):
-        raise ValueError(f"down must be [G*K*r, in] = [{groups * kr}, {in_f}], got {tuple(down.shape)}")
-    if tuple(up.shape) != (n_total, kr):
-        raise ValueError(f"up must be [G*out, K*r] = [{n_total}, {kr}], got {tuple(up.shape)}")
-    if bias is not None and tuple(bias.shape) != (n_total,):
-        raise ValueError(f"bias must be [G*out] = [{n_total}], got {tuple(bias.shape)}")
-    if scale.dim() != 1 or scale.shape[0] not in (k, groups * k):
-        raise ValueError(f"scale must be [K] or [G*K] with K = {k}, got {tuple(scale.shape)}")
-    if gates.shape[0] * rows_per_sample != x2.shape[0]:
-        raise ValueError(f"{x2.shape[0]} rows do not split into {gates.shape[0]} samples of {rows_per_sample} rows")
-    return n_total // groups, k
+    n, k, _ = check_operand_shapes(x2.shape[1], x2.shape[0], weight, bias, down, up, scale, gates, rows_per_sample,
+                                   rank, groups)
+    return n, k
 
 
 def gated_spm_linear_native(

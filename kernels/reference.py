@@ -276,3 +276,63 @@ def gated_spm_linear_bwd_ref(
         dd[rs] = dz_g.t() @ x
         dx += dy_g @ w_g + dz_g @ d_g
     return dx, dd, du
+
+
+# ---------------------------------------------------------------------------------------------
+# Operand checks shared by the launchers (Triton: kernels/gated_linear.py; the AOT library's
+# loader: kernels/native.py). Types first, then the caller's own device rule, then shapes.
+
+
+def check_operand_types(x, weight, bias, down, up, scale, gates, rank, groups, *, gates_contiguous: bool) -> None:
+    """rank/groups, dtypes (x's for weight/down/up/bias, float32 for scale/gates), contiguity, one
+    device. ``gates_contiguous=False`` allows strided (e.g. ``expand``ed) gates."""
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    for name, t in {"weight": weight, "down": down, "up": up, "bias": bias}.items():
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}, expected x's dtype {x.dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (call .contiguous() once when stacking)")
+    for name, t in {"scale": scale, "gates": gates}.items():
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {t.dtype}")
+    if not scale.is_contiguous():
+        raise ValueError("scale must be contiguous")
+    if gates_contiguous and not gates.is_contiguous():
+        raise ValueError("gates must be contiguous")
+    all_t = [x, weight, down, up, scale, gates] + ([bias] if bias is not None else [])
+    if any(t.device != x.device for t in all_t):
+        raise ValueError(f"all tensors must be on one device, got {sorted({str(t.device) for t in all_t})}")
+
+
+def check_operand_shapes(x_features: int, m_rows: int, weight, bias, down, up, scale, gates, rows_per_sample, rank,
+                         groups) -> tuple[int, int, int]:
+    """The stacked layout's shapes for G groups of K SPMs; returns (out per group, K, K*r)."""
+    if weight.dim() != 2 or down.dim() != 2 or up.dim() != 2:
+        raise ValueError("weight, down and up must be 2-D: [G*out, in], [G*K*r, in], [G*out, K*r]")
+    if gates.dim() != 2:
+        raise ValueError(f"gates must be [B, K], got shape {tuple(gates.shape)}")
+    n_total, in_f = weight.shape
+    if n_total % groups:
+        raise ValueError(f"weight has {n_total} rows, not divisible by groups={groups}")
+    k = gates.shape[1]
+    kr = k * rank
+    if x_features != in_f:
+        raise ValueError(f"x has {x_features} features, weight expects {in_f}")
+    if tuple(down.shape) != (groups * kr, in_f):
+        raise ValueError(f"down must be [G*K*r, in] = [{groups * kr}, {in_f}], got {tuple(down.shape)}")
+    if tuple(up.shape) != (n_total, kr):
+        raise ValueError(f"up must be [G*out, K*r] = [{n_total}, {kr}], got {tuple(up.shape)}")
+    if bias is not None and tuple(bias.shape) != (n_total,):
+        raise ValueError(f"bias must be [G*out] = [{n_total}], got {tuple(bias.shape)}")
+    if scale.dim() != 1 or scale.shape[0] not in (k, groups * k):
+        raise ValueError(f"scale must be [K] or [G*K] with K = {k}, got {tuple(scale.shape)}")
+    if not isinstance(rows_per_sample, int) or rows_per_sample < 1:
+        raise ValueError(f"rows_per_sample must be a positive int, got {rows_per_sample!r}")
+    if gates.shape[0] * rows_per_sample != m_rows:
+        raise ValueError(f"{m_rows} rows do not split into {gates.shape[0]} samples of {rows_per_sample} rows")
+    return n_total // groups, k, kr

@@ -15,7 +15,6 @@ Run with ``-s`` to print the REG / STACK / SHARED table.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -34,76 +33,24 @@ if not (os.access(CUOBJDUMP, os.X_OK) and os.access(PTXAS, os.X_OK)):
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-KERNEL_NAMES = ("_gated_spm_fwd_kernel", "_gated_shrink_kernel", "_lowrank_grad_kernel")
-_PTR = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import sm90_compile as sc  # noqa: E402  (the one implementation of load / record / specialise)
 
-def _load_compiled():
-    """A private copy of gated_linear built with TRITON_INTERPRET unset (real JITFunctions)."""
-    origin = importlib.util.find_spec("spm_rt.kernels.gated_linear").origin
-    old = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        spec = importlib.util.spec_from_file_location("spm_rt.kernels._gated_linear_compiled", origin)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        if old is not None:
-            os.environ["TRITON_INTERPRET"] = old
-    assert all(isinstance(getattr(mod, n), triton.runtime.JITFunction) for n in KERNEL_NAMES)
-    return mod
-
-
-gl = _load_compiled()
-JIT = {n: getattr(gl, n) for n in KERNEL_NAMES}
-
-
-class _Recorder:
-    def __init__(self, name, log):
-        self.name, self.log = name, log
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.log.append((self.name, args, kwargs))
+KERNEL_NAMES = sc.KERNEL_NAMES
+gl = sc.load_compiled()  # a private copy with real JITFunctions (TRITON_INTERPRET unset)
+_t = sc._t
 
 
 def _record(fn):
     """Run a launcher with recorders in place of the kernels; returns [(kernel, args, kwargs)]."""
-    log = []
-    try:
-        for n in KERNEL_NAMES:
-            setattr(gl, n, _Recorder(n, log))
-        fn()
-    finally:
-        for n, k in JIT.items():
-            setattr(gl, n, k)
-    return log
+    return sc.record(gl, fn)
 
 
 def _specialise(name, args, kwargs):
-    kernel = JIT[name]
-    kwargs = dict(kwargs)
-    options = {"num_warps": kwargs.pop("num_warps"), "num_stages": kwargs.pop("num_stages")}
-    kwargs["UPCAST_DOT"] = False  # interpreter-only workaround; recorders look like the interpreter
-    signature, constexprs, attrs = {}, {}, {}
-    for i, arg_name in enumerate(kernel.arg_names):
-        if arg_name in kwargs:
-            signature[arg_name], constexprs[arg_name] = "constexpr", kwargs[arg_name]
-            continue
-        a = args[i]
-        if isinstance(a, torch.Tensor):
-            signature[arg_name] = "*" + _PTR[a.dtype]
-            if a.data_ptr() % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        elif a == 1:
-            signature[arg_name], constexprs[arg_name] = "constexpr", 1
-        else:
-            signature[arg_name] = "i32" if -(2**31) <= a < 2**31 else "i64"
-            if a % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return kernel, signature, constexprs, attrs, options
-
-
-def _t(*shape, dtype=torch.float16):
-    return torch.empty(*shape, dtype=dtype)
+    return sc.specialise(gl, name, args, kwargs)
 
 
 def _linear(m, in_f, out, k, r=1, dtype=torch.float16, bias=True, groups=1, combine="linear", pattern="auto"):
@@ -237,13 +184,7 @@ def test_cuobjdump_sees_spills_when_there_are_some(tmp_path):
 # Every configuration the runtime can pick (bench/sm90_compile.py enumerates them from the real
 # launchers over the GPU check's shapes), and the tensor-core work of the fused tile at K = 16.
 
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import sm90_compile as sc  # noqa: E402
-
-SC_GL = sc.load_compiled()
+SC_GL = gl
 _REDUCED = sc.runtime_configs(SC_GL, reduced=True)
 
 
