@@ -138,28 +138,36 @@ def merged_weight_ref(
     gates: torch.Tensor,  # [K] one gate vector
     combine: str = "linear",
     rank: int = 1,
+    out: torch.Tensor | None = None,  # [out, in] in weight's dtype: written in place when given
 ) -> torch.Tensor:
     """W + (the SPM update for one gate vector), accumulated in float32 (float64 for float64
     weights) and rounded once to the weight's dtype: [out, in].
 
     One ``addmm`` per layer (no full-size temporaries beyond the result): on SD1.5's 192 layers
-    this halved the merge time against an einsum followed by an add.
+    this halved the merge time against an einsum followed by an add. With ``out`` (a persistent
+    merged-weight buffer) the result is written there: directly by the addmm where the
+    accumulation dtype is the weight's own, else by one rounding copy.
     """
     k = gates.shape[0]
     acc = torch.promote_types(weight.dtype, torch.float32)
     g = gates.to(acc)
     s = scale.to(acc)
     w = weight.to(acc)
+    direct = out if out is not None and out.dtype == acc else None  # addmm writes the buffer itself
     if combine == "linear":
         u = up.to(acc) * (g * s).repeat_interleave(rank)  # [out, K*r]: gates folded into the small factor
-        merged = torch.addmm(w, u, down.to(acc))
+        merged = torch.addmm(w, u, down.to(acc), out=direct)
     elif combine == "official":
         u_sum = (up.to(acc).view(up.shape[0], k, rank) * g[None, :, None]).sum(1)  # [out, r]
         d_sum = (down.to(acc).view(k, rank, -1) * g[:, None, None]).sum(0)  # [r, in]
-        merged = torch.addmm(w, u_sum, d_sum, alpha=float(s[0]))
+        merged = torch.addmm(w, u_sum, d_sum, alpha=float(s[0]), out=direct)
     else:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
-    return merged.to(weight.dtype)
+    if out is None:
+        return merged.to(weight.dtype)
+    if direct is None:
+        out.copy_(merged)  # round once into the weight dtype
+    return out
 
 
 def merged_update_error(

@@ -115,7 +115,10 @@ class GateState(nn.Module):
         full[:, :k] = table[torch.arange(cap) % r]
         self.row_gates.copy_(full)  # in place: same storage for every call
         self.period = r
-        self.backend = resolve_backend(self.config.backend, self.row_gates.device)
+        where = (self.config.backend, self.row_gates.device)
+        if self.__dict__.get("_backend_for") != where:  # resolved once per (option, device), not per call
+            self.backend = resolve_backend(*where)
+            self.__dict__["_backend_for"] = where
         self.reuse = {}
         self.groups = None
         uniform = bool((table == table[:1]).all())

@@ -186,19 +186,19 @@ class SPMLayer(nn.Module):
         if self._merged_for == key:
             return
         w = self.weight
-        merged = self._merge(gates.to(w.device))
         if self.merged_weight is None or self.merged_weight.shape != w.shape or self.merged_weight.dtype != w.dtype \
                 or self.merged_weight.device != w.device:
             self.merged_weight = torch.empty_like(w, memory_format=torch.contiguous_format)
-        with torch.no_grad():
-            self.merged_weight.copy_(merged)
+        self._merge(gates.to(w.device), out=self.merged_weight)  # in place: no full-size temporary
         self._merged_for = key
 
-    def _merge(self, gates: torch.Tensor) -> torch.Tensor:
+    def _merge(self, gates: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``W + update(gates)`` shaped like the weight (into ``out`` when given)."""
         w = self.weight.detach()
         with torch.no_grad():
+            flat = None if out is None else out.view(w.shape[0], -1)
             return merged_weight_ref(w.reshape(w.shape[0], -1), self.spm_down, self.spm_up, self.spm_scale, gates,
-                                     self.config.combine, self.rank).view_as(w)
+                                     self.config.combine, self.rank, out=flat).view_as(w)
 
     def forget_merged(self) -> None:
         """Mark ``merged_weight`` stale (kept allocated): the next merged call rewrites it."""

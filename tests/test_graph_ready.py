@@ -211,9 +211,9 @@ def test_merge_happens_once_per_call_not_per_step(spm_files):
     for layer in rt.layers.values():
         orig = layer._merge
 
-        def counted(g, _orig=orig):
+        def counted(g, _orig=orig, **kwargs):
             merges.append(1)
-            return _orig(g)
+            return _orig(g, **kwargs)
 
         layer._merge = counted
     n = len(rt.layers)
