@@ -276,7 +276,8 @@ class SPMPipeline:
         if self.transport is None:
             fixed = self.config.fixed_gates or [1.0] * self.num_spms
             return torch.tensor(fixed, dtype=torch.float32).expand(len(prompts), -1).clone()
-        return self.transport.gates(prompts)
+        with self._state.lock:  # the transport runs the pipeline's own text encoder (encode_prompt)
+            return self.transport.gates(prompts)
 
     def _call_gates(self, prompt, gates, kwargs) -> torch.Tensor:
         k = self.num_spms
@@ -308,10 +309,13 @@ class SPMPipeline:
         ``gates`` ([K] or [B, K]) overrides Facilitated Transport.
         """
         self._check_live()
-        g = self._call_gates(prompt, gates, kwargs)
-        per = int(kwargs.get("num_images_per_prompt") or 1)
-        with gating.use_gates(self, g, per):  # one call at a time per pipeline (holds its lock)
-            return self.pipe(prompt, *args, **kwargs)
+        # One call at a time per pipeline, gates included: Facilitated Transport encodes with the
+        # pipeline's own encode_prompt, which must not interleave with another thread's call.
+        with self._state.lock:
+            g = self._call_gates(prompt, gates, kwargs)
+            per = int(kwargs.get("num_images_per_prompt") or 1)
+            with gating.use_gates(self, g, per):
+                return self.pipe(prompt, *args, **kwargs)
 
     def __getattr__(self, name):  # pipeline attributes (unet, vae, device, ...) pass through
         if name == "pipe":
