@@ -13,33 +13,43 @@ Example::
 """
 from __future__ import annotations
 
-import importlib
+if __name__ == "export":  # imported by accident as PyPI's `export` (repository root on sys.path)
+    import importlib.util as _util
+    import os as _os
 
-_LAZY = {
-    "export_onnx": "spm_rt.export.onnx",
-    "check_onnx": "spm_rt.export.onnx",
-    "read_manifest": "spm_rt.export.onnx",
-    "set_onnx_spms": "spm_rt.export.onnx",
-    "spm_initializers": "spm_rt.export.onnx",
-    "concept_initializers": "spm_rt.export.onnx",
-    "ONNXPipeline": "spm_rt.export.ort",
-    "run_onnx_pipeline": "spm_rt.export.ort",
-    "build_engines": "spm_rt.export.trt",
-    "refit_engines": "spm_rt.export.trt",
-    "is_tensorrt_available": "spm_rt.export.trt",
-}
+    _spec = _util.spec_from_file_location(
+        "_spm_rt_shadow", _os.path.join(_os.path.dirname(__file__), _os.pardir, "kernels", "_shadow.py"))
+    _shadow = _util.module_from_spec(_spec)
+    _spec.loader.exec_module(_shadow)
+    _shadow.defer_to_installed(__name__, __file__)
+else:
+    import importlib
 
-__all__ = sorted(_LAZY)
+    _LAZY = {
+        "export_onnx": "spm_rt.export.onnx",
+        "check_onnx": "spm_rt.export.onnx",
+        "read_manifest": "spm_rt.export.onnx",
+        "set_onnx_spms": "spm_rt.export.onnx",
+        "spm_initializers": "spm_rt.export.onnx",
+        "concept_initializers": "spm_rt.export.onnx",
+        "ONNXPipeline": "spm_rt.export.ort",
+        "run_onnx_pipeline": "spm_rt.export.ort",
+        "build_engines": "spm_rt.export.trt",
+        "refit_engines": "spm_rt.export.trt",
+        "is_tensorrt_available": "spm_rt.export.trt",
+    }
+
+    __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'spm_rt.export' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    def __getattr__(name: str):
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module 'spm_rt.export' has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value
+        return value
 
 
-def __dir__():
-    return sorted(list(globals()) + __all__)
+    def __dir__():
+        return sorted(list(globals()) + __all__)

@@ -1,12 +1,12 @@
 """Evaluation figures, and sharding across processes with torch.distributed (gloo, 2 CPU ranks)."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
+from subproc import run_python
 from spm_rt.world.evaluate import calibration_sets, psnr, summarize
 
 
@@ -49,7 +49,7 @@ def _cli(args, env_extra=None, n_proc=None):
                "-m", "spm_rt.cli"] + args
     else:
         cmd = [sys.executable, "-m", "spm_rt.cli"] + args
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return run_python(cmd[1:], env=env, timeout=600)
 
 
 @pytest.mark.slow

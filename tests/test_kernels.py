@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
+from subproc import run_python  # noqa: E402
 from spm_rt.kernels.reference import gated_spm_linear_ref  # noqa: E402
 
 
@@ -300,7 +299,7 @@ def test_compiled_module_rejects_cpu_tensors():
         "except ValueError as e:\n"
         "    print('REFUSED', e)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    out = run_python(["-c", code], env=env, timeout=120)
     assert "REFUSED the Triton path needs CUDA tensors" in out.stdout, out.stdout + out.stderr
 
 
@@ -317,7 +316,7 @@ def test_kernels_package_imports_without_triton():
         "except ImportError as e:\n"
         "    print('LAZY', e)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = run_python(["-c", code], timeout=120)
     assert "LAZY" in out.stdout and "spm_rt[triton]" in out.stdout, out.stdout + out.stderr
 
 

@@ -33,6 +33,7 @@ def test_readme_has_a_runnable_example_and_a_marked_one():
         assert not skipped or "from_pretrained" in code or "compile_unet" in code
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("line, code", [(line, code) for line, code, skipped in BLOCKS if not skipped],
                          ids=lambda v: f"line{v}" if isinstance(v, int) else "")
 def test_readme_python_block_runs(line, code, tmp_path, monkeypatch, capsys):
@@ -61,3 +62,19 @@ def test_declared_dependencies_cover_what_the_suite_and_configs_import():
     for extra in ("triton", "test"):
         triton = [d for d in project["optional-dependencies"][extra] if d.startswith("triton")]
         assert triton == ["triton>=3.2,<3.10"], (extra, triton)
+
+
+TEST_COMMAND = 'pip install torch==2.13.0 && pip install -e ".[test]" && pytest -q tests'
+
+
+def test_ci_runs_the_readme_test_command_with_the_console_script():
+    """`python -m pytest` would put the repository root (and its kernels/ folder) first on sys.path
+    (issue 19): the README and .ci/run use the `pytest` console script, with the same install."""
+    text = README.read_text()
+    assert TEST_COMMAND in text and "python -m pytest" not in text
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "python -m pytest" not in ci
+    assert 'pip install torch==2.13.0 && pip install -e ".[test]" -c constraints.txt' in ci
+    assert "pytest -q tests" in ci and "pytest -q -m smoke tests" in ci
+    pins = [l for l in (README.parent / "constraints.txt").read_text().splitlines() if l and not l.startswith("#")]
+    assert pins and all("==" in l for l in pins) and not any(l.lower().startswith("torch==") for l in pins)

@@ -2,12 +2,11 @@
 calibrated transport spares the other prompts. A short eval (few samples) of what
 ``spm-rt eval`` measures at full size, held to the issue's targets (constants below)."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from subproc import run_python
 from spm_rt.world.eval_commands import shipped_spms
 
 pytestmark = pytest.mark.skipif(not shipped_spms(), reason="no shipped SPMs in spm_rt/world/assets/spms")
@@ -86,8 +85,7 @@ def test_reference_transport_gates_are_high_on_non_targets(summaries, concept):
 
 def test_demo_command_runs(tmp_path):
     out = tmp_path / "demo.png"
-    res = subprocess.run([sys.executable, "-m", "spm_rt.cli", "demo", "--out", str(out), "--n", "1", "--steps", "8"],
-                         capture_output=True, text=True, timeout=600)
+    res = run_python(["-m", "spm_rt.cli", "demo", "--out", str(out), "--n", "1", "--steps", "8"], timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert out.stat().st_size > 1000
     assert "summary figures" in res.stdout

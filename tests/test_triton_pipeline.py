@@ -4,11 +4,11 @@ Runs in a subprocess: TRITON_INTERPRET must be set before triton is first import
 test modules may import it earlier in this process.
 """
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from subproc import run_python
 
 pytest.importorskip("triton")
 
@@ -70,5 +70,5 @@ SCRIPT = textwrap.dedent('''
 
 def test_triton_backend_whole_unet_in_interpreter():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    res = run_python(["-c", SCRIPT], env=env, timeout=900)
     assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]
