@@ -15,9 +15,12 @@ Three paths reach the UNet of a patched pipeline besides ``rt(...)`` / :func:`~s
   lock, so it waits for the running call to end and then runs with its own gates (never the
   running call's).
 
-The hooks run in eager mode. Inside a ``torch.compile`` trace they are no-ops (the graph reads
-the open state: gates 1), and :meth:`SPMPipeline.compile_unet` registers the same hooks on the
-compiled wrapper, where they run eagerly around the graph.
+The hooks run in eager mode. Dynamo traces a compiled module's own hooks into its graph, where
+they are no-ops (the graph reads the open state: gates 1), so :meth:`SPMPipeline.compile_unet`
+registers the same hooks on the ``torch.compile`` wrapper, where they run eagerly around the
+graph. A UNet compiled by hand (``pipe.unet = torch.compile(pipe.unet)``) has no wrapper hooks:
+outside ``rt(...)`` it still erases (gates 1), but direct ``pipe(...)`` calls get gates 1 instead
+of Facilitated Transport's, and other threads are not held back: use ``rt.compile_unet()``.
 """
 from __future__ import annotations
 
@@ -57,6 +60,9 @@ def _pre_hook(module, args, kwargs):
         return None
     frames = _frames(state)
     if state.in_call():  # inside rt(...) / use_gates on this thread: its gates hold
+        sample, _ = _unet_inputs(args, kwargs)
+        if isinstance(sample, torch.Tensor):  # the batch-shape check, also in front of a compiled graph
+            state.check_rows(sample.shape[0], "UNet input")
         frames.append(False)
         return None
     state.lock.acquire()  # another thread's call: wait for it to end
@@ -94,7 +100,7 @@ def _post_hook(module, args, kwargs, output):
 
 def hook_unet(module) -> None:
     """Register the fail-closed hooks on a patched UNet (or its ``torch.compile`` wrapper)."""
-    if getattr(module, "_spm_rt_guarded", False):
+    if module.__dict__.get("_spm_rt_guarded", False):  # (a compiled wrapper forwards getattr to the UNet)
         return
     module.register_forward_pre_hook(_pre_hook, with_kwargs=True)
     module.register_forward_hook(_post_hook, with_kwargs=True, always_call=True)
