@@ -210,7 +210,7 @@ def main() -> int:
 def render(doc: dict) -> str:
     """The Markdown table of a results JSON (``--render FILE.json`` redraws it)."""
     load, after = doc["load_before"], doc["load_after"]
-    md = [f"# Peak memory per mode (SD1.5 UNet, fp32, random weights, CPU)\n",
+    md = ["# Peak memory per mode (SD1.5 UNet, fp32, random weights, CPU)\n",
           f"K={K} rank-1 SPMs, 2 UNet rows, latent {LATENT}x{LATENT}, 1 thread, one fresh process per row; load "
           f"average before {load[0]:.1f}, after {after[0]:.1f} (2 cores shared with other jobs). `device` = tensors "
           "the patched UNet keeps on its device between calls; `host` = the pristine copy merged mode restores from "
