@@ -120,7 +120,7 @@ def test_compiled_generation(benchmark, compiled, arch, method, k):
         if method == "merged":
             def setup():  # a new prompt every generation: the merge is part of the timed call
                 for layer in rt.layers.values():
-                    layer.forget_merged()
+                    layer.restore_weight()  # (every merged call merges; restoring is a no-op between calls)
     gates = rt.gates(prompts)
     if method == "gated":
         assert not bool((gates == gates[:1]).all()), "the 4 prompts must have distinct gates (gated path)"

@@ -59,11 +59,11 @@ def test_merge_cost(benchmark, models, case):
 
         def clear():
             for layer in layers:
-                layer.forget_merged()
+                layer.restore_weight()  # the weights pristine again: the next merge() is a whole merge
 
         def merge():
             for layer in layers:
-                layer.prepare_merged(g)  # written in place into the persistent buffer
+                layer.prepare_merged(g)  # merged in place into the weight (a host copy on the first call)
 
         merge()  # first-call allocations
         merged_bytes = sum(layer.weight.numel() * layer.weight.element_size() for layer in layers)

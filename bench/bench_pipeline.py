@@ -259,7 +259,7 @@ def test_pipeline_latency(benchmark, models, installer, case):
         if method == "merged":
             def clear_merge_caches():  # merge included in every timed generation
                 for layer in state.layers.values():
-                    layer.forget_merged()
+                    layer.restore_weight()  # (every merged call merges; restoring is a no-op between calls)
 
             setup = clear_merge_caches
 

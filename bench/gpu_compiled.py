@@ -98,7 +98,7 @@ def main(argv=None) -> int:
 
     def forget():
         for layer in rt.layers.values():
-            layer.forget_merged()
+            layer.restore_weight()  # (every merged call merges; restoring is a no-op between calls)
 
     cases = [("eager base", pipe, 1, None), ("graphed base", graphed, 1, None),
              ("graphed erased merged (merge in call)", rt, 1, forget),

@@ -51,7 +51,16 @@ def _report_command(args) -> int:
     except (NotABenchmarkFile, FileNotFoundError) as exc:
         raise CLIError(str(exc)) from exc
     out = args.out or args.results.with_suffix("")
-    md, png = write_report(args.results, out, plot=not args.no_plot)
+    plot = not args.no_plot
+    if plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            md, _ = write_report(args.results, out, plot=False)
+            print(f"wrote {md}")
+            raise CLIError("the PNG plot needs matplotlib, which is not installed: pip install 'spm_rt[bench]' "
+                           f"(the Markdown table {md} is written; --no-plot skips the plot)") from None
+    md, png = write_report(args.results, out, plot=plot)
     print("wrote " + ", ".join(str(p) for p in (md, png) if p is not None))
     return 0
 
@@ -457,7 +466,11 @@ def write_report(results_json: str | Path, out_prefix: str | Path, plot: bool = 
     data, results = load(results_json)
     prefix = Path(out_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    png = plot_ratios(results, prefix.with_suffix(".png")) if plot else None
     md = prefix.with_suffix(".md")
-    md.write_text(render_markdown(data, results, png.name if png is not None else None))
+    md.write_text(render_markdown(data, results, None))  # the Markdown needs no matplotlib: written first
+    if not plot:
+        return md, None
+    png = plot_ratios(results, prefix.with_suffix(".png"))
+    if png is not None:
+        md.write_text(render_markdown(data, results, png.name))
     return md, png

@@ -52,6 +52,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_third_party() -> None:
+    """Silence third-party noise a CLI user cannot act on: transformers' torchvision fallback
+    notices, accelerate / torchvision warnings and torch.jit's TracerWarning (ONNX export traces
+    diffusers code that branches on shapes). Our own warnings still print."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read by transformers when it is imported
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    for module in ("torchvision", "accelerate", "transformers", "diffusers", "torch.onnx", "onnxscript"):
+        warnings.filterwarnings("ignore", module=module)
+    warnings.filterwarnings("ignore", message=r".*TracerWarning.*")
+    warnings.filterwarnings("ignore", message=r".*[Cc]onverting a tensor to a Python (boolean|integer|float|index).*")
+    try:
+        from torch.jit import TracerWarning
+    except ImportError:  # pragma: no cover - torch always has it
+        return
+    warnings.filterwarnings("ignore", category=TracerWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -59,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from spm_rt.cli_common import CLIError
+
+    quiet_third_party()
 
     try:
         code = args.func(args)

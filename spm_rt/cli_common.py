@@ -201,3 +201,85 @@ def print_gates(prompts: list[str], names: list[str], gates) -> None:
     """One line per prompt: ``'a red circle': red=1.000, circle=0.973``."""
     for p, g in zip(prompts, gates):
         print(f"{p!r}: " + ", ".join(f"{n}={float(v):.3f}" for n, v in zip(names, g)))
+
+
+# ---------------------------------------------------------------------------------------------
+# numbers and prompts, checked before any model loads
+
+DEFAULT_TRAIN_TIMESTEPS = 1000  # diffusers' schedulers' num_train_timesteps (the shapes world's too)
+
+
+def check_at_least(value: int | None, flag: str, minimum: int = 1) -> None:
+    """``flag value`` must be an integer >= ``minimum`` (None: not given)."""
+    if value is not None and value < minimum:
+        raise CLIError(f"{flag} {value}: must be >= {minimum}")
+
+
+def scheduler_limit(model: str) -> int:
+    """The most denoising steps a ``--model``'s scheduler allows (its ``num_train_timesteps``),
+    read from the folder's ``scheduler/scheduler_config.json`` without loading the model."""
+    config = Path(_ALIASES.get(model, model)) / "scheduler" / "scheduler_config.json"
+    if config.is_file():
+        try:
+            return int(json.loads(config.read_text()).get("num_train_timesteps", DEFAULT_TRAIN_TIMESTEPS))
+        except (ValueError, TypeError):
+            pass
+    return DEFAULT_TRAIN_TIMESTEPS
+
+
+def check_steps(steps: int, model: str = "shapes", flag: str = "--steps") -> None:
+    """``1 <= steps <= the scheduler's limit``."""
+    limit = scheduler_limit(model)
+    if not 1 <= steps <= limit:
+        raise CLIError(f"{flag} {steps}: must be between 1 and {limit} (the scheduler's training timesteps)")
+
+
+def check_guidance(value: float, flag: str = "--guidance") -> None:
+    import math
+
+    if not math.isfinite(value):
+        raise CLIError(f"{flag} {value}: must be a finite number")
+
+
+_WORLD_WORDS = {"a", "an", "shape"}
+
+
+def warn_outside_world(prompts: list[str] | None, model: str, flag: str = "--prompt") -> list[str]:
+    """For ``--model shapes``: warn (stderr) about prompts the shapes world has no words for (it
+    knows "a {colour} {shape}"); the classifier cannot judge them. Returns those prompts."""
+    import sys
+
+    if model != "shapes" or not prompts:
+        return []
+    from spm_rt.world.data import COLOURS, SHAPES
+
+    known = _WORLD_WORDS | set(COLOURS) | set(SHAPES)
+    outside = [p for p in prompts if any(w.strip(".,;:!?\"'").lower() not in known for w in p.split())]
+    if outside:
+        print(f"spm-rt: warning: {flag} {', '.join(repr(p) for p in outside)}: outside the shapes world (it knows "
+              f"'a {{colour}} {{shape}}' with colours {', '.join(COLOURS)} and shapes {', '.join(SHAPES)}); the "
+              "model draws something arbitrary and the classifier's verdict on it means nothing", file=sys.stderr)
+    return outside
+
+
+def resolve_spm_names(files: list[str] | None, model: str) -> list[str] | None:
+    """``--spm circle`` with ``--model shapes``: a name that is not a file but is a shipped SPM's
+    name resolves to that file (``spm_rt/world/assets/spms/circle.safetensors``)."""
+    if not files or model != "shapes":
+        return files
+    out = []
+    for f in files:
+        if not Path(f).exists():
+            from spm_rt.world import shipped_spms
+
+            shipped = {p.stem: p for p in shipped_spms()}
+            stem = Path(f).name.removesuffix(".safetensors")
+            if stem in shipped and Path(f).parent == Path("."):
+                f = str(shipped[stem])
+        out.append(f)
+    return out
+
+
+def missing_extra(module: str, extra: str, what: str) -> CLIError:
+    """The one-line error for an optional dependency that is not installed."""
+    return CLIError(f"{what} needs {module}, which is not installed: pip install 'spm_rt[{extra}]'")

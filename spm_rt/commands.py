@@ -2,7 +2,7 @@
 
 Example::
 
-    $ spm-rt generate --spm spm_rt/world/assets/spms/red.safetensors --prompt "a red circle" --compare --out x.png
+    $ spm-rt generate --spm red --prompt "a red circle" --compare --out x.png
     'a red circle': red=1.000
     wrote x.png
 """
@@ -29,7 +29,8 @@ def add_subcommands(sub) -> None:
     p = sub.add_parser("generate", help="generate images with SPMs (optionally side by side with the base model)")
     p.add_argument("--model", default="shapes", help=MODEL_HELP + " (default shapes)")
     p.add_argument("--onnx", default=None, help="run an exported ONNX folder with ONNX Runtime instead of --model")
-    add_spm_argument(p)
+    add_spm_argument(p, help="SPM .safetensors files, in gate order (--spm A B or --spm A --spm B); with --model "
+                             "shapes a shipped SPM's name (circle, red) is enough")
     p.add_argument("--concepts", action="append", default=None,
                    help="concept names of each --spm whose file lacks them (once per --spm, in order; "
                         "names separated by | or , or a JSON list)")
@@ -37,7 +38,9 @@ def add_subcommands(sub) -> None:
     p.add_argument("--gates", type=float, nargs="+", default=None, help="fixed gates, one per SPM")
     p.add_argument("--combine", choices=["linear", "official"], default="linear")
     p.add_argument("--transport", default="clipcos_tokenuni",
-                   help="clipcos_tokenuni | clipcos | tokenuni | calibrated | fixed")
+                   choices=["clipcos_tokenuni", "clipcos", "tokenuni", "calibrated", "contextual", "fixed"],
+                   help="Facilitated Transport gate: clipcos_tokenuni (default) | clipcos | tokenuni | calibrated | "
+                        "contextual | fixed")
     p.add_argument("--strategy", choices=["auto", "merged", "gated"], default="auto")
     p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
     add_generation_defaults(p)
@@ -104,18 +107,23 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     import spm_rt
-    from spm_rt.cli_common import (CLIError, apply_threads, check_gates, generators, load_model, load_spm_files,
-                                   parse_concepts, print_gates)
+    from spm_rt.cli_common import (CLIError, apply_threads, check_gates, check_guidance, check_steps, generators,
+                                   load_model, load_spm_files, parse_concepts, print_gates, resolve_spm_names,
+                                   warn_outside_world)
     from spm_rt.images import labelled_grid
 
     prompts = args.prompt
-    files = args.spm or []
+    # every number and file is checked before the model loads
+    check_steps(args.steps, args.model)
+    check_guidance(args.guidance)
+    files = resolve_spm_names(args.spm, args.model) or []
     # every file is checked (and loaded: cheap) before the model
     spms = load_spm_files(files, parse_concepts(args.concepts, len(files)))
     check_gates(args.gates, len(spms))
     if args.gates is not None and not spms:
         raise CLIError("--gates given without --spm")
     apply_threads(args)
+    warn_outside_world(prompts, args.model)  # after every error: a warning never precedes an error line
     pipe = load_model(args.model)
     pipe.set_progress_bar_config(disable=False, desc="denoising", leave=False)
     kw = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="np")

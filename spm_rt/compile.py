@@ -1,66 +1,25 @@
 """``spm_rt.compile(pipe, spms)``: patch a diffusers SD pipeline so it erases the SPMs' concepts."""
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 
 import torch
 
-from spm_rt import gating
+from spm_rt import gating, guard
+from spm_rt.config import SPMConfig
 from spm_rt.formats import SPM, SPMFormatError, load_spm
-from spm_rt.functional import BACKENDS, resolve_backend
-from spm_rt.kernels.reference import COMBINES
-from spm_rt.layers import STRATEGIES, LayerConfig, SPMLayer, patch, precision_report, unpatch
-from spm_rt.stack import build_stacks
-from spm_rt.transport import TRANSPORTS, CalibratedTransport, ContextualTransport, Transport
+from spm_rt.functional import resolve_backend
+from spm_rt.gating import validate_gates
+from spm_rt.layers import SPMLayer
+from spm_rt.patching import patch, unpatch
+from spm_rt.precision import precision_report
+from spm_rt.stack import Stack, build_stacks
+from spm_rt.transport import CalibratedTransport, ContextualTransport, Transport
 
-
-@dataclass
-class SPMConfig:
-    """How a compiled pipeline erases.
-
-    combine:   "linear" (the paper's sum of gated updates) or "official" (the reference code's
-               gamma-scaled key-by-key sum: quadratic in the gates, with cross terms).
-    transport: "clipcos_tokenuni" (default), "clipcos", "tokenuni", "calibrated" (opt-in: end-of-text
-               similarity with per-concept thresholds, see ``CalibratedTransport``), "contextual"
-               (opt-in: fail-closed nearest-caption gate on the prompt embeddings the UNet reads,
-               ``calibration`` = concept -> (risky, safe) prompts, see ``ContextualTransport``), or "fixed"
-               (gates come from ``fixed_gates`` or each call's ``gates=``, like the reference's
-               manual multipliers).
-    strategy:  "auto" (merged when every row of a UNet batch has the same gates, gated otherwise),
-               "merged" or "gated".
-    backend:   "auto" (triton on CUDA when installed, torch otherwise), "torch", "triton" or "native"
-               (the AOT-compiled ``libspm_kernels``, see the README's "Native library"; forward
-               only, the Triton op where it has no variant).
-    k_max:     SPM slots preallocated in every adapted layer (default: the number of SPMs).
-               ``set_spms`` with at most ``k_max`` SPMs writes into the same storage, so compiled
-               graphs and captured CUDA graphs stay valid; more reallocates (and warns).
-    reuse_cross_kv: keep cross-attention to_k/to_v outputs for a whole generation (they depend only
-               on the text embeddings and the gates) instead of recomputing them at every step
-               (eager mode; off under inference_mode and inside compiled graphs).
-    fixed_gates: default gates [K] for transport="fixed" (ones when None).
-
-    Merged weights: one persistent buffer per adapted layer (a copy of the adapted weights),
-    written in place when a call's gate vector differs from the one it holds.
-    """
-
-    combine: str = "linear"
-    transport: str = "clipcos_tokenuni"
-    strategy: str = "auto"
-    backend: str = "auto"
-    k_max: int | None = None
-    reuse_cross_kv: bool = True
-    fixed_gates: list[float] | None = None
-    calibration: dict | None = None  # transport="calibrated": concept -> (positives, negatives)
-
-    def validate(self) -> None:
-        for name, value, allowed in (("combine", self.combine, COMBINES), ("transport", self.transport, TRANSPORTS),
-                                     ("strategy", self.strategy, STRATEGIES), ("backend", self.backend, BACKENDS)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if self.k_max is not None and int(self.k_max) < 1:
-            raise ValueError(f"k_max must be >= 1, got {self.k_max}")
+__all__ = ["SPMConfig", "SPMPipeline", "compile", "load_spms"]
 
 
 def load_spms(spms, concepts=None) -> list[SPM]:
@@ -120,12 +79,16 @@ class SPMPipeline:
 
     def __init__(self, pipe, spms: list[SPM], config: SPMConfig):
         self.pipe = pipe
-        self.config = config
-        self.layer_config = LayerConfig(config.combine, config.strategy, config.backend, config.reuse_cross_kv)
+        self.config = config  # the one config object: the gate state and every layer read this one
         self.layers: dict[str, SPMLayer] = {}
         self.spms: list[SPM] = []
         self.transport: Transport | None = None
         self._install(spms, first=True)
+
+    @property
+    def layer_config(self) -> SPMConfig:
+        """The config the layers read: ``self.config`` itself (kept as a name for old callers)."""
+        return self.config
 
     # -- lifecycle ----------------------------------------------------------------------------
     def _slots(self, spms: list[SPM]) -> tuple[int, int | None]:
@@ -160,23 +123,47 @@ class SPMPipeline:
         return stacks, transport
 
     def _install(self, spms: list[SPM], first: bool = False) -> None:
-        stacks, transport = self._prepare(spms)
+        with self._passthrough():  # calibrated transports encode prompts: not a direct pipeline call
+            stacks, transport = self._prepare(spms)
         if first:
-            self.layers = patch(_unet(self.pipe), stacks, self.layer_config)
-        else:
-            if set(stacks) != set(self.layers):
-                raise SPMFormatError("the new SPMs adapt a different set of modules")
+            self.layers = patch(_unet(self.pipe), stacks, self.config)
+            try:
+                precision_report(self.layers)  # measure each layer's merge error at install, not in the first call
+            except BaseException:
+                unpatch(_unet(self.pipe), self.layers)
+                self.layers = {}
+                raise
+            self.spms, self.transport = spms, transport
+            return
+        if set(stacks) != set(self.layers):
+            raise SPMFormatError("the new SPMs adapt a different set of modules")
+        state = self._state
+        # all or nothing: the old stacks (small: rank-r factors) are kept until the new set is in
+        # and measured; any error on the way (an out-of-memory included) puts them back
+        old = {path: Stack(layer.spm_down.clone(), layer.spm_up.clone(), layer.spm_scale.clone(), layer.rank)
+               for path, layer in self.layers.items()}
+        old_k = state.k_max
+        try:
             in_place = [layer.write_stack(stacks[path]) for path, layer in self.layers.items()]
             k_max = next(iter(stacks.values())).num_spms
-            state = self._state
             if state.k_max != k_max:
                 state.resize(k_max)
-            if not all(in_place):
-                warnings.warn(f"set_spms: {len(spms)} SPMs (rank {max(s.rank for s in spms)}) exceed the preallocated "
-                              "slots; SPM buffers were reallocated, so compiled graphs will be rebuilt (pass a larger "
-                              "k_max to spm_rt.compile to avoid this)", stacklevel=3)
+            precision_report(self.layers)
+        except BaseException:
+            for path, layer in self.layers.items():
+                layer.write_stack(old[path])
+            if state.k_max != old_k:
+                state.resize(old_k)
+            raise
+        if not all(in_place):
+            warnings.warn(f"set_spms: {len(spms)} SPMs (rank {max(s.rank for s in spms)}) exceed the preallocated "
+                          "slots; SPM buffers were reallocated, so compiled graphs will be rebuilt (pass a larger "
+                          "k_max to spm_rt.compile to avoid this)", stacklevel=3)
         self.spms, self.transport = spms, transport
-        precision_report(self.layers)  # measure each layer's merge error at install, not in the first call
+
+    def _passthrough(self):
+        state = gating.find_state(_unet(self.pipe)) if self.pipe is not None else None
+        return state.passthrough() if state is not None else contextlib.nullcontext()
 
     @property
     def _state(self):
@@ -198,6 +185,7 @@ class SPMPipeline:
             >>> rt.set_spms(["snoopy.safetensors", "mickey.safetensors"])  # doctest: +SKIP
         """
         self._check_live()
+        self._state.refuse_nested("set_spms")
         spms = load_spms(spms, concepts)
         with self._state.lock:
             self._install(spms)
@@ -228,8 +216,11 @@ class SPMPipeline:
     def remove(self):
         """Restore the original pipeline bit-exactly (the original module objects); returns it."""
         self._check_live()
+        self._state.refuse_nested("remove")
         with self._state.lock:
             unpatch(_unet(self.pipe), self.layers)
+            guard.unhook_encode_prompt(self.pipe)
+            guard.unhook_unet(self.pipe.unet)  # the torch.compile wrapper's hooks (compile_unet)
         self.layers = {}
         del self.pipe._spm_rt
         pipe, self.pipe = self.pipe, None
@@ -251,6 +242,7 @@ class SPMPipeline:
         self._check_live()
         compile_kwargs.setdefault("fullgraph", True)
         self.pipe.unet = torch.compile(_unet(self.pipe), **compile_kwargs)
+        guard.hook_unet(self.pipe.unet)  # fail-closed hooks run eagerly around the graph
         return self
 
     # -- gates ---------------------------------------------------------------------------------
@@ -276,7 +268,10 @@ class SPMPipeline:
         if self.transport is None:
             fixed = self.config.fixed_gates or [1.0] * self.num_spms
             return torch.tensor(fixed, dtype=torch.float32).expand(len(prompts), -1).clone()
-        with self._state.lock:  # the transport runs the pipeline's own text encoder (encode_prompt)
+        state = self._state
+        # the transport runs the pipeline's own text encoder (encode_prompt): one at a time, and
+        # not mistaken for a direct pipeline call by spm_rt.guard
+        with state.lock, state.passthrough():
             return self.transport.gates(prompts)
 
     def _call_gates(self, prompt, gates, kwargs) -> torch.Tensor:
@@ -289,13 +284,11 @@ class SPMPipeline:
             emb = kwargs.get("prompt_embeds")
             n_prompts = emb.shape[0] if emb is not None else 1
         if gates is not None:
-            g = torch.as_tensor(gates, dtype=torch.float32).cpu()
-            if g.dim() == 1:
-                g = g[None].expand(n_prompts, -1)
-            if g.dim() != 2 or g.shape[1] != k or g.shape[0] != n_prompts:
+            g = validate_gates(gates, self._state.k_max)
+            if g.shape[0] == 1 and torch.as_tensor(gates).dim() == 1:
+                g = g.expand(n_prompts, -1)
+            if g.shape[1] != k or g.shape[0] != n_prompts:
                 raise ValueError(f"gates must be [K]={[k]} or [B, K]={[n_prompts, k]}, got {list(g.shape)}")
-            if not torch.isfinite(g).all():
-                raise ValueError("gates must be finite")
             return g
         if prompt is None:
             if self.transport is not None:
@@ -309,9 +302,11 @@ class SPMPipeline:
         ``gates`` ([K] or [B, K]) overrides Facilitated Transport.
         """
         self._check_live()
+        state = self._state
+        state.refuse_nested("rt(...)")
         # One call at a time per pipeline, gates included: Facilitated Transport encodes with the
         # pipeline's own encode_prompt, which must not interleave with another thread's call.
-        with self._state.lock:
+        with state.lock:
             g = self._call_gates(prompt, gates, kwargs)
             per = int(kwargs.get("num_images_per_prompt") or 1)
             with gating.use_gates(self, g, per):
@@ -366,4 +361,5 @@ def compile(pipe, spms, *, combine: str | None = None, transport: str | None = N
     resolve_backend(cfg.backend, _unet(pipe).device)  # an unusable backend fails here, before patching
     rt = SPMPipeline(pipe, load_spms(spms, concepts), cfg)
     pipe._spm_rt = rt
+    guard.hook_encode_prompt(rt)  # a direct pipe(...) call gets the gates rt(...) would give it
     return rt

@@ -38,10 +38,6 @@ class Stack:
     def num_spms(self) -> int:
         return self.scale.shape[0]
 
-    def to(self, device=None, dtype=None) -> "Stack":
-        return Stack(self.down.to(device=device, dtype=dtype), self.up.to(device=device, dtype=dtype),
-                     self.scale.to(device=device), self.rank)
-
 
 def network_scale(spms: list[SPM]) -> float:
     """The official combine's one scale for the whole network: the first SPM's metadata alpha / rank."""

@@ -119,18 +119,22 @@ def test_to_float64_after_compile_matches_dense_math(gates):
 
 def test_bfloat16_after_compile_runs_and_remerges(spm_files):
     pipe = tiny_pipeline(0)
-    rt = spm_rt.compile(pipe, spm_files[:2])
+    rt = spm_rt.compile(pipe, spm_files[:2], strategy="merged")
     _gen(rt, PROMPTS[:1])
     layer = next(iter(rt.layers.values()))
     pipe.to(torch.bfloat16)
-    for prompts in (PROMPTS[:1], PROMPTS[:2]):  # merged, gated
+    w = layer.weight.detach().clone()
+    for prompts in (PROMPTS[:1], PROMPTS[:2]):  # merged, grouped
         out = _gen(rt, prompts)
         assert np.isfinite(out).all()
-    assert layer.merged_weight.dtype == torch.bfloat16 and layer.spm_up.dtype == torch.bfloat16
-    w = layer.weight.float()
-    fresh = layer._merge(rt._state.row_gates[0].cpu()).float()  # what the merge gives from the bf16 weight now
-    assert torch.equal(layer.merged_weight.float(), fresh.to(torch.bfloat16).float())
-    assert not torch.equal(layer.merged_weight.float(), w)
+    assert layer.spm_up.dtype == torch.bfloat16 and torch.equal(layer.weight, w)  # restored bit-exactly
+    seen = []
+    hook = layer.register_forward_pre_hook(lambda m, a: seen.append(m.weight.detach().clone()))
+    _gen(rt, PROMPTS[:1])
+    hook.remove()
+    fresh = layer._merge(rt._state.row_gates[0].cpu())  # what the merge gives from the bf16 weight now
+    assert seen and seen[0].dtype == torch.bfloat16 and torch.equal(seen[0], fresh)  # merged in place, in bf16
+    assert not torch.equal(seen[0], w) and torch.equal(layer.weight, w)
 
 
 def test_deepcopy_gives_an_independent_working_copy(spm_files):
@@ -220,8 +224,10 @@ def test_merge_happens_once_per_call_not_per_step(spm_files):
     for i, p in enumerate(PROMPTS[:3]):  # three distinct gate vectors, 4 steps each
         _gen(rt, [p], steps=4)
         assert len(merges) == (i + 1) * n
-    _gen(rt, [PROMPTS[2]], steps=4)  # the gate vector the buffers already hold: no merge
-    assert len(merges) == 3 * n
+    # merged in place and restored after every call (no second device copy of the weights to keep
+    # a merge in): the same gate vector again is one more merge per call, still none per step
+    _gen(rt, [PROMPTS[2]], steps=4)
+    assert len(merges) == 4 * n
 
 
 def test_native_backend_is_refused_clearly_before_patching(spm_files, monkeypatch):

@@ -15,7 +15,9 @@ import spm_rt
 from dense import dense_unet, rel_err
 from spm_rt import use_gates
 from spm_rt.gating import GateState
-from spm_rt.layers import MERGE_ERROR_MAX, LayerConfig, SPMLinear
+from spm_rt.config import SPMConfig as LayerConfig
+from spm_rt.layers import SPMLinear
+from spm_rt.precision import MERGE_ERROR_MAX
 from spm_rt.stack import Stack
 from spm_rt.testing import random_spm, tiny_pipeline
 

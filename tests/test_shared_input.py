@@ -20,11 +20,11 @@ def _count_computes(rt):
     for path, layer in rt.layers.items():
         counts[path] = 0
 
-        def counted(*args, _orig=layer._eager_forward, _path=path):
+        def counted(*args, _orig=layer.eager_forward, _path=path):
             counts[_path] += 1
             return _orig(*args)
 
-        layer._eager_forward = counted
+        layer.eager_forward = counted
     return counts
 
 
@@ -94,4 +94,4 @@ def test_attention_groups_and_training_bypass(pipe):
     members = [m for g in groups.values() for m in g.members]
     rt.remove()
     assert all(isinstance(m, SPMLayer) and m.shared._cat is None for m in members)  # no copies kept
-    assert all(m.merged_weight is None for m in members)  # merged buffers released too
+    assert all(m._pristine is None and not m._merged for m in members)  # host copies released too

@@ -2,8 +2,8 @@
 
 The membranes being trained are the layers inference uses: ``build_stacks`` + ``layers.patch``
 with the stacked ``down``/``up`` of the single trained SPM (K = 1, so the stack *is* the SPM) held
-as fp32 master ``nn.Parameter``s. "SPM on" is ``use_gates(ones)``; "off" is no gates set, where
-every layer runs its base module. The UNet and text encoder(s) stay frozen in the inference dtype;
+as fp32 master ``nn.Parameter``s. "SPM on" is ``use_gates(ones)``; "off" is ``gates_off`` (gates 0),
+where every layer runs its base module (outside any call a patched UNet erases: gates 1). The UNet and text encoder(s) stay frozen in the inference dtype;
 gradients flow through the gated branch (spm_rt.functional: PyTorch autograd on CPU, the fused
 Triton op on CUDA when installed).
 
@@ -27,6 +27,8 @@ anchor-layout defect that is fixed).
 """
 from __future__ import annotations
 
+import contextlib
+
 import csv
 import dataclasses
 import inspect
@@ -40,7 +42,7 @@ import torch
 from torch import nn
 
 from spm_rt.formats import SPM, ModuleWeights, adapted_modules, lora_key, save_spm
-from spm_rt.gating import use_gates
+from spm_rt.gating import gates_off, use_gates
 from spm_rt.train.anchors import anchoring_loss, erase_loss, sample_anchors
 from spm_rt.train.config import TrainConfig, load_config
 
@@ -72,7 +74,8 @@ class TrainableSPM:
 
     def __init__(self, unet: nn.Module, concepts: list[str], rank: int = 1, alpha: float = 1.0, *,
                  generator: torch.Generator | None = None, backend: str = "auto", init: SPM | None = None):
-        from spm_rt.layers import LayerConfig, patch
+        from spm_rt.config import SPMConfig
+        from spm_rt.patching import patch
         from spm_rt.stack import build_stacks
 
         self.unet = unet
@@ -101,7 +104,7 @@ class TrainableSPM:
         # build_stacks validates shapes and gives each module's scale in the one stacked layout;
         # its down/up copies are then replaced by (casts of) the parameters.
         stacks = build_stacks(unet, [self.to_spm()])
-        self.layers = patch(unet, stacks, LayerConfig(strategy="gated", backend=backend))
+        self.layers = patch(unet, stacks, SPMConfig(strategy="gated", backend=backend))
         self.refresh()
 
     def parameters(self) -> list[nn.Parameter]:
@@ -118,6 +121,10 @@ class TrainableSPM:
     def on(self):
         """Context: the membrane is open (gate 1 on every UNet row)."""
         return use_gates(self.unet, torch.ones(1, 1))
+
+    def off(self):
+        """Context: the membrane is shut (gate 0: the base UNet, bit for bit)."""
+        return gates_off(self.unet)
 
     def to_spm(self, dtype: torch.dtype | None = None) -> SPM:
         """A detached copy of the current weights as an :class:`~spm_rt.SPM`."""
@@ -147,7 +154,7 @@ class TrainableSPM:
 
     def remove(self) -> None:
         """Unpatch the UNet (the original modules are back, bit-exact)."""
-        from spm_rt.layers import unpatch
+        from spm_rt.patching import unpatch
 
         unpatch(self.unet, self.layers)
         self.layers = {}
@@ -333,7 +340,7 @@ class Trainer:
     ``pipe`` overrides ``config.pretrained_model`` (it is modified in place: UNet and text encoders
     are frozen, moved to the device and cast to ``train.precision``; the UNet is patched until
     :meth:`close`). ``membrane`` replaces the trained adapter with any object offering
-    ``parameters()`` and ``on()`` (benchmarks compare other LoRA implementations with it; saving
+    ``parameters()`` and ``on()`` (and ``off()`` where outside ``on()`` is not the base model; benchmarks compare other LoRA implementations with it; saving
     then is unavailable).
 
     Example::
@@ -490,7 +497,8 @@ class Trainer:
             anchor_latents = latents.repeat(s // b, 1, 1, 1)  # anchor i sees latent i % b, as the reference
 
         # 3. SPM off: positive, neutral (and anchors) in one batch
-        with torch.no_grad():
+        off_ctx = getattr(self.membrane, "off", contextlib.nullcontext)  # other membranes: off outside on()
+        with torch.no_grad(), off_ctx():
             parts = [cond("positive", b), cond("neutral", b)] + ([anchors] if la else [])
             lat = torch.cat([latents, latents] + ([anchor_latents] if la else []))
             off = self._unet(lat, t_train, _Cond.cat(parts))

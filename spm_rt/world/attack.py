@@ -70,6 +70,8 @@ from pathlib import Path
 
 import torch
 
+from spm_rt.gating import gates_off
+
 from spm_rt.world.data import COLOURS, SHAPES, caption
 
 MODES = ("base", "reference", "calibrated", "fixed", "contextual")
@@ -250,8 +252,9 @@ def _generate(pipe, call, n: int, s: AttackSettings, seeds: list[int], *, prompt
         kw["prompt_embeds"] = prompt_embeds.repeat_interleave(n, 0)
     else:
         kw["prompt"] = [p for p in prompts for _ in range(n)]
-    if call is None:
-        images = pipe(**kw).images
+    if call is None:  # the base model: membranes shut on purpose (a patched pipe erases otherwise)
+        with gates_off(pipe):
+            images = pipe(**kw).images
     else:
         images = call(gates=torch.as_tensor(gates).float().repeat_interleave(n, 0), **kw).images
     return images.float().cpu().clamp(0, 1)
@@ -331,7 +334,7 @@ def encode_prefixed(pipe, ids: torch.Tensor, prefix: torch.Tensor) -> tuple[torc
 def _target_latents(pipe, prompts: list[str], n: int, s: AttackSettings, seeds: list[int]) -> torch.Tensor:
     """Base-model latents of each prompt: [B, n, 4, h, w]."""
     latents = torch.cat([_latents(pipe, n, sd) for sd in seeds]).to(pipe.device, pipe.unet.dtype)
-    with torch.no_grad():
+    with torch.no_grad(), gates_off(pipe):  # base-model latents
         out = pipe([p for p in prompts for _ in range(n)], num_inference_steps=s.steps, guidance_scale=s.guidance_scale,
                    output_type="latent", latents=latents).images.float()
     return out.view(len(prompts), n, *out.shape[1:])
@@ -398,7 +401,8 @@ def embedding_attack(rt, transports: dict, mode: str, prompts: list[str], target
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         cond = emb.repeat_interleave(m, 0)
         if gates is None:
-            pred = unet(xt, t, encoder_hidden_states=cond).sample  # outside a call every membrane is shut
+            with gates_off(rt):  # the base model, asked for (outside a call every membrane is open)
+                pred = unet(xt, t, encoder_hidden_states=cond).sample
         else:
             with use_gates(rt, gates.repeat_interleave(m, 0), rows=True):
                 pred = unet(xt, t, encoder_hidden_states=cond).sample

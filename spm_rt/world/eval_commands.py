@@ -77,13 +77,18 @@ def _init_distributed() -> bool:
 def _eval(args: argparse.Namespace) -> int:
     from spm_rt.world.evaluate import EvalSettings, format_summary, run_eval
 
-    from spm_rt.cli_common import CLIError, apply_threads, load_model, load_spm_files
+    from spm_rt.cli_common import (CLIError, apply_threads, check_at_least, check_guidance, check_steps, load_model,
+                                   load_spm_files, resolve_spm_names, warn_outside_world)
 
-    files = args.spm or shipped_spms()
+    check_at_least(args.n, "--n")
+    check_steps(args.steps, args.model)
+    check_guidance(args.guidance)
+    files = resolve_spm_names(args.spm, args.model) or shipped_spms()
     if not files:
         raise CLIError("no --spm files given and none shipped")
     spms = load_spm_files(files)  # before the model and the process group
     apply_threads(args)
+    warn_outside_world(args.prompts, args.model, "--prompts")
     distributed = _init_distributed()
     pipe = load_model(args.model)
     settings = EvalSettings(n=args.n, steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
@@ -126,11 +131,13 @@ def _demo(args: argparse.Namespace) -> int:
     import torch
 
     import spm_rt
-    from spm_rt.cli_common import CLIError, apply_threads, load_spm_files
+    from spm_rt.cli_common import CLIError, apply_threads, check_at_least, check_steps, load_spm_files
     from spm_rt.images import labelled_grid
     from spm_rt.world import load_shapes_pipeline
     from spm_rt.world.evaluate import EvalSettings, calibration_sets, format_summary, run_eval
 
+    check_at_least(args.n, "--n")
+    check_steps(args.steps)
     start = time.time()
     files = shipped_spms()
     if not files:

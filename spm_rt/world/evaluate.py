@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from spm_rt.gating import gates_off
+
 from spm_rt.world.data import COLOURS, SHAPES, caption, parse_caption
 
 TRANSPORTS = ("reference", "calibrated", "gates1")
@@ -70,8 +72,9 @@ def _generate(pipe, prompt: str, n: int, s: EvalSettings, seed: int, call=None, 
     kwargs = dict(num_inference_steps=s.steps, guidance_scale=s.guidance_scale, output_type="pt",
                   latents=latents.to(pipe.device, pipe.unet.dtype))
     with torch.no_grad():
-        if call is None:
-            images = pipe([prompt] * n, **kwargs).images
+        if call is None:  # the base model: membranes shut on purpose (a patched pipe erases otherwise)
+            with gates_off(pipe):
+                images = pipe([prompt] * n, **kwargs).images
         else:
             images = call([prompt] * n, gates=gates, **kwargs).images
     return images.float().cpu().clamp(0, 1)
