@@ -13,7 +13,7 @@ from spm_rt.functional import BACKENDS, resolve_backend
 from spm_rt.kernels.reference import COMBINES
 from spm_rt.layers import STRATEGIES, LayerConfig, SPMLayer, patch, precision_report, unpatch
 from spm_rt.stack import build_stacks
-from spm_rt.transport import TRANSPORTS, CalibratedTransport, ContextualTransport, Transport
+from spm_rt.transport import TRANSPORTS, CalibratedTransport, Transport
 
 
 @dataclass
@@ -23,9 +23,7 @@ class SPMConfig:
     combine:   "linear" (the paper's sum of gated updates) or "official" (the reference code's
                gamma-scaled key-by-key sum: quadratic in the gates, with cross terms).
     transport: "clipcos_tokenuni" (default), "clipcos", "tokenuni", "calibrated" (opt-in: end-of-text
-               similarity with per-concept thresholds, see ``CalibratedTransport``), "contextual"
-               (opt-in: fail-closed nearest-caption gate on the prompt embeddings the UNet reads,
-               ``calibration`` = concept -> (risky, safe) prompts, see ``ContextualTransport``), or "fixed"
+               similarity with per-concept thresholds, see ``CalibratedTransport``), or "fixed"
                (gates come from ``fixed_gates`` or each call's ``gates=``, like the reference's
                manual multipliers).
     strategy:  "auto" (merged when every row of a UNet batch has the same gates, gated otherwise),
@@ -151,8 +149,6 @@ class SPMPipeline:
                 for c, sets in _file_calibration(s).items():
                     calibration.setdefault(c, sets)
             transport = CalibratedTransport(self.pipe, [s.concepts or [] for s in spms], calibration)
-        elif self.config.transport == "contextual":  # its (risky, safe) sets are not the files' calibrated sets
-            transport = ContextualTransport(self.pipe, [s.concepts or [] for s in spms], self.config.calibration)
         elif self.config.transport != "fixed":
             transport = Transport(self.pipe, [s.concepts or [] for s in spms], self.config.transport)
         if self.config.fixed_gates is not None and len(self.config.fixed_gates) != len(spms):
