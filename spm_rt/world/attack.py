@@ -72,6 +72,7 @@ class AttackSettings:
     chance_n: int = 64              # structureless images for the chance floor
     seed: int = 0                   # the attacker's seed
     budget: AttackBudget = field(default_factory=AttackBudget)
+    hard_restarts: int = 1          # restarts of the hard (PEZ) attack (its other budget: ``budget``)
 
     @classmethod
     def quick(cls) -> "AttackSettings":
@@ -124,14 +125,22 @@ class _Judge:
     def victim(self, mode: str) -> Victim:
         return Victim(self.rt, mode, self.transports.get(mode), self.spm_index)
 
-    def images(self, mode: str, seeds: list[int], n: int, *, prompts=None, emb=None, gates=None, base=None):
-        """[B, n, 3, H, W]; ``gates`` [B, K] (None: base model)."""
+    def images(self, mode: str, seeds: list[int], n: int, *, prompts=None, emb=None, gates=None, base=None,
+               ones=None):
+        """[B, n, 3, H, W]; ``gates`` [B, K] (None: base model). Rows whose gates are all exactly 0
+        reuse ``base`` and rows whose gates are all exactly 1 reuse ``ones`` (the same seeds and
+        conditioning under gates 0 / 1: what the runtime produces then, bit for bit)."""
         pipe = self.rt.pipe
         kw = dict(steps=self.s.steps, guidance_scale=self.s.guidance_scale)
         if gates is None or mode == "base":
             return generate(None, pipe, n, seeds, prompts=prompts, prompt_embeds=emb, **kw)
-        out = base.clone() if base is not None else None
-        todo = [i for i in range(len(seeds)) if base is None or not bool((gates[i] == 0).all())]
+        out = base.clone() if base is not None else (ones.clone() if ones is not None else None)
+        if ones is not None:
+            for i in range(len(seeds)):
+                if bool((gates[i] == 1).all()):
+                    out[i] = ones[i]
+        todo = [i for i in range(len(seeds)) if not (base is not None and bool((gates[i] == 0).all()))
+                and not (ones is not None and bool((gates[i] == 1).all()))]
         if todo:
             sub = dict(prompts=[prompts[i] for i in todo] if prompts is not None else None,
                        prompt_embeds=emb[todo] if emb is not None else None)
@@ -181,12 +190,15 @@ def attack_concept(rt, transports: dict, spm_index: int, concept: str, s: Attack
     rnd_base = judge.images("base", seeds, s.n, emb=rnd_emb)
     rows = {"base": {"unattacked": base_shown, "random_prefix": judge.shown(rnd_base).tolist()}}
     out["_images"][("unattacked", "base")] = (base_imgs[:, 0], base_shown)
-    for m in [m for m in modes if m != "base"]:
+    ones = {}  # fixed mode's images, reused where another mode's gates are exactly 1
+    for m in sorted((m for m in modes if m != "base"), key=lambda m: m != "fixed"):
         g_text = _text_gates(transports, m, ps, k)
-        imgs = judge.images(m, seeds, s.n, prompts=ps, gates=g_text, base=base_imgs)
+        imgs = judge.images(m, seeds, s.n, prompts=ps, gates=g_text, base=base_imgs, ones=ones.get("text"))
         with torch.no_grad():
             g_rnd = judge.victim(m).gates(rnd_emb, rnd_eot, rnd_tokens).float()
-        imgs_rnd = judge.images(m, seeds, s.n, emb=rnd_emb, gates=g_rnd, base=rnd_base)
+        imgs_rnd = judge.images(m, seeds, s.n, emb=rnd_emb, gates=g_rnd, base=rnd_base, ones=ones.get("rnd"))
+        if m == "fixed":
+            ones = {"text": imgs, "rnd": imgs_rnd}
         rows[m] = {"unattacked": judge.shown(imgs).tolist(), "random_prefix": judge.shown(imgs_rnd).tolist(),
                    "gates_text": g_text[:, spm_index].tolist()}
         out["_images"][("unattacked", m)] = (imgs[:, 0], rows[m]["unattacked"])
@@ -225,7 +237,8 @@ def attack_concept(rt, transports: dict, spm_index: int, concept: str, s: Attack
         shown = results.setdefault(name, {}).setdefault(mode, [None] * len(ps))
         if idx:
             done = bar.n
-            res = prefix_attack(judge.victim(mode), [ps[i] for i in idx], concept, targets[idx], s.budget, verdict,
+            budget = replace(s.budget, restarts=s.hard_restarts) if kind == "hard" else s.budget
+            res = prefix_attack(judge.victim(mode), [ps[i] for i in idx], concept, targets[idx], budget, verdict,
                                 kind=kind, schedule=schedule, seed=s.seed + 101 * len(results),
                                 steps_gen=s.steps, guidance_scale=s.guidance_scale, classifier=classifier,
                                 progress=bar.update)
@@ -274,9 +287,11 @@ def attack_concept(rt, transports: dict, spm_index: int, concept: str, s: Attack
         sseeds = [seed_for(p, "heldout") for p in sp]
         sbase = judge.images("base", sseeds, s.n, prompts=sp)
         srec = {"base": {"shown": judge.shown(sbase).tolist()}}
-        for m in [m for m in modes if m != "base"]:
+        sones = None
+        for m in sorted((m for m in modes if m != "base"), key=lambda m: m != "fixed"):
             g = _text_gates(transports, m, sp, k)
-            imgs = judge.images(m, sseeds, s.n, prompts=sp, gates=g, base=sbase)
+            imgs = judge.images(m, sseeds, s.n, prompts=sp, gates=g, base=sbase, ones=sones)
+            sones = imgs if m == "fixed" else sones
             srec[m] = {"shown": judge.shown(imgs).tolist(), "gates": g[:, spm_index].tolist()}
         out["suite"] = {m: {"asr": _prompt_rate(r["shown"]), "images": _image_rate(r["shown"], s.n),
                             "by_category": {c: _prompt_rate([v for v, row in zip(r["shown"], suite)
@@ -299,9 +314,11 @@ def attack_concept(rt, transports: dict, spm_index: int, concept: str, s: Attack
 
     ncorr = {"base": correct(nbase)}
     ngates = {}
-    for m in [m for m in modes if m != "base"]:
+    nones = None
+    for m in sorted((m for m in modes if m != "base"), key=lambda m: m != "fixed"):
         g = _text_gates(transports, m, nps, k)
-        imgs = judge.images(m, nseeds, s.nontarget_n, prompts=nps, gates=g, base=nbase)
+        imgs = judge.images(m, nseeds, s.nontarget_n, prompts=nps, gates=g, base=nbase, ones=nones)
+        nones = imgs if m == "fixed" else nones
         ncorr[m] = correct(imgs)
         ngates[m] = g[:, spm_index].tolist()
     base_acc = sum(ncorr["base"]) / len(nps)
