@@ -38,9 +38,8 @@ def add_subcommands(sub) -> None:
     p.add_argument("--gates", type=float, nargs="+", default=None, help="fixed gates, one per SPM")
     p.add_argument("--combine", choices=["linear", "official"], default="linear")
     p.add_argument("--transport", default="clipcos_tokenuni",
-                   choices=["clipcos_tokenuni", "clipcos", "tokenuni", "calibrated", "contextual", "fixed"],
-                   help="Facilitated Transport gate: clipcos_tokenuni (default) | clipcos | tokenuni | calibrated | "
-                        "contextual | fixed")
+                   choices=["clipcos_tokenuni", "clipcos", "tokenuni", "calibrated", "fixed"],
+                   help="Facilitated Transport gate: clipcos_tokenuni (default) | clipcos | tokenuni | calibrated | fixed")
     p.add_argument("--strategy", choices=["auto", "merged", "gated"], default="auto")
     p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
     add_generation_defaults(p)

@@ -17,7 +17,7 @@ from spm_rt.layers import SPMLayer
 from spm_rt.patching import patch, unpatch
 from spm_rt.precision import precision_report
 from spm_rt.stack import Stack, build_stacks
-from spm_rt.transport import CalibratedTransport, ContextualTransport, Transport
+from spm_rt.transport import CalibratedTransport, Transport
 
 __all__ = ["SPMConfig", "SPMPipeline", "compile", "load_spms"]
 
@@ -114,8 +114,6 @@ class SPMPipeline:
                 for c, sets in _file_calibration(s).items():
                     calibration.setdefault(c, sets)
             transport = CalibratedTransport(self.pipe, [s.concepts or [] for s in spms], calibration)
-        elif self.config.transport == "contextual":  # its (risky, safe) sets are not the files' calibrated sets
-            transport = ContextualTransport(self.pipe, [s.concepts or [] for s in spms], self.config.calibration)
         elif self.config.transport != "fixed":
             transport = Transport(self.pipe, [s.concepts or [] for s in spms], self.config.transport)
         if self.config.fixed_gates is not None and len(self.config.fixed_gates) != len(spms):

@@ -26,9 +26,7 @@ class SPMConfig:
     combine:   "linear" (the paper's sum of gated updates) or "official" (the reference code's
                gamma-scaled key-by-key sum: quadratic in the gates, with cross terms).
     transport: "clipcos_tokenuni" (default), "clipcos", "tokenuni", "calibrated" (opt-in: end-of-text
-               similarity with per-concept thresholds, see ``CalibratedTransport``), "contextual"
-               (opt-in: fail-closed nearest-caption gate on the prompt embeddings the UNet reads,
-               ``calibration`` = concept -> (risky, safe) prompts, see ``ContextualTransport``), or "fixed"
+               similarity with per-concept thresholds, see ``CalibratedTransport``), or "fixed"
                (gates come from ``fixed_gates`` or each call's ``gates=``, like the reference's
                manual multipliers).
     strategy:  "auto" (merged when every row of a UNet batch has the same gates, gated otherwise;
@@ -59,7 +57,7 @@ class SPMConfig:
     max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS
     reuse_cross_kv: bool = True
     fixed_gates: list[float] | None = None
-    calibration: dict | None = None  # transport="calibrated"/"contextual": concept -> (positives, negatives)
+    calibration: dict | None = None  # transport="calibrated": concept -> (positives, negatives)
 
     def validate(self) -> None:
         for name, value, allowed in (("combine", self.combine, COMBINES), ("transport", self.transport, TRANSPORTS),

@@ -176,8 +176,10 @@ def load_spm(path: str | os.PathLike, concepts: str | list[str] | None = None) -
     if path.suffix.lower() in _PICKLE_SUFFIXES:
         _fail(path, "pickle-based formats are refused (they can run code); convert the file to .safetensors")
     with open(path, "rb") as fh:
-        head = fh.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = fh.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header ("{"); a length whose
+    # low byte is 0x80 must not read as a pickle's protocol opcode
+    if (head[:2] == b"PK" or head[:1] == b"\x80") and head[8:9] != b"{":
         _fail(path, "this is a pickle/zip checkpoint, not safetensors; refused (convert it to .safetensors)")
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -8,9 +8,8 @@ SPM's concepts, computed with the pipeline's own tokenizer and text encoder.
 * ``clipcos_tokenuni`` (default) = max of the two.
 * gate(SPM) = max over its concepts.
 
-Opt-in transports: ``calibrated`` (:class:`CalibratedTransport`, end-of-text similarity with fitted
-thresholds) and ``contextual`` (:class:`ContextualTransport`, fail-closed nearest-caption gate on
-the contextual embeddings the UNet reads). Each class also scores already-encoded prompts
+Opt-in transport: ``calibrated`` (:class:`CalibratedTransport`, end-of-text similarity with fitted
+thresholds). Each class also scores already-encoded prompts
 (:meth:`Transport.scores_encoded`, differentiable), which is how an attack that controls the
 text encoder's input embeddings is gated exactly as a deployed pipeline would gate it.
 """
@@ -19,7 +18,7 @@ from __future__ import annotations
 import torch
 
 METRICS = ("clipcos", "tokenuni", "clipcos_tokenuni")
-TRANSPORTS = METRICS + ("calibrated", "contextual", "fixed")
+TRANSPORTS = METRICS + ("calibrated", "fixed")
 
 # Default calibration prompts for a concept with no prompt sets of its own. The positives put the
 # concept in common caption frames; the negatives are short neutral captions plus the empty prompt,
@@ -215,80 +214,3 @@ class CalibratedTransport(Transport):
         ramp = ((s - self._lo.to(e.device)) / (self._hi - self._lo).to(e.device)).clamp(0.0, 1.0)
         full_hit = (self._tokenuni_sets(prompt_tokens) >= 1.0).double().to(e.device)
         return torch.maximum(ramp, full_hit)
-
-
-class ContextualTransport(Transport):
-    """Opt-in fail-closed gate (``transport="contextual"``) on the contextual embeddings the UNet
-    reads (the ``[77, d]`` prompt embeddings, every position), built because the reference and
-    calibrated gates let through prompts that *imply* a concept without naming it (misspellings,
-    unseen synonyms: measured by ``spm-rt attack``).
-
-    Calibration per concept: ``risky`` prompts (that name the concept, or leave its attribute open
-    so the model may draw it) and ``safe`` prompts (that pin the attribute to something else).
-    Features: each prompt's embeddings minus the mean over all calibration prompts (which removes
-    what every prompt shares, the padding positions above all), flattened and unit-normed. Score
-    ``m(P) = max_risky cos - max_safe cos`` (nearest risky caption vs nearest safe caption). Gate =
-    ``clamp((m - lo) / (0 - lo), 0, 1)`` with ``lo`` = the largest ``m`` of a safe calibration
-    prompt: every safe calibration prompt (and anything at least as safe-looking) gets exactly 0,
-    and a prompt at least as close to a risky caption as to any safe one gets 1 (ties open: fail
-    closed). A prompt with every token of the concept also opens fully, as in the calibrated gate.
-    Fitting costs one text-encoder pass over the calibration prompts at compile time; a call costs
-    one text-encoder pass (the embeddings the pipeline computes anyway) plus a
-    ``[B, 77*d] x [77*d, n_calibration]`` product.
-
-    ``calibration`` maps a concept to ``(risky, safe)``; without an entry, risky =
-    ``POSITIVE_TEMPLATES`` and safe = ``NEUTRAL_PROMPTS`` (the calibrated gate's defaults). The
-    shapes world's sets: :func:`spm_rt.world.attack.contextual_calibration`.
-
-    Example::
-
-        >>> from spm_rt.world.attack import contextual_calibration  # doctest: +SKIP
-        >>> rt = spm_rt.compile(pipe, files, transport="contextual",
-        ...                     calibration=contextual_calibration(["circle", "red"]))  # doctest: +SKIP
-    """
-
-    def __init__(self, pipe, concepts: list[list[str]], calibration: dict | None = None):
-        flat = self._set_concepts(pipe, concepts, "contextual")
-        calibration = calibration or {}
-        sets = []
-        for c in flat:
-            risky, safe = calibration.get(c, (None, None))
-            risky = list(risky) if risky else [t.format(c) for t in POSITIVE_TEMPLATES]
-            safe = list(safe) if safe else list(NEUTRAL_PROMPTS)
-            if not safe:
-                raise ValueError(f"contextual transport: concept {c!r} needs at least one safe calibration prompt")
-            sets.append((risky, safe))
-        everything = sorted({p for r, s in sets for p in r + s})
-        emb = encode_prompts(pipe, everything).double()
-        self._mean = emb.mean(0, keepdim=True)  # [1, 77, d]
-        feats = dict(zip(everything, self._features(emb)))
-        self._risky = [torch.stack([feats[p] for p in r]) for r, _ in sets]  # per concept [nR, 77*d]
-        self._safe = [torch.stack([feats[p] for p in s]) for _, s in sets]  # per concept [nS, 77*d]
-        lo = []
-        self.calibration = {}
-        for j, (c, (risky, safe)) in enumerate(zip(flat, sets)):
-            m_safe = self._margin(self._safe[j], j)
-            lo_j = min(float(m_safe.max()), -1e-3)  # below 0 so that ties still open
-            lo.append(lo_j)
-            self.calibration[c] = {"lo": lo_j, "risky": risky, "safe": safe}
-        self._lo = torch.tensor(lo, dtype=torch.float64)
-
-    def _features(self, emb: torch.Tensor) -> torch.Tensor:
-        x = (emb.double() - self._mean.to(emb.device)).flatten(1)
-        return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-    def _margin(self, feats: torch.Tensor, j: int) -> torch.Tensor:
-        risky, safe = self._risky[j].to(feats.device), self._safe[j].to(feats.device)
-        return (feats @ risky.t()).amax(1) - (feats @ safe.t()).amax(1)
-
-    def scores_encoded(self, emb, eot, prompt_tokens):
-        f = self._features(emb)
-        m = torch.stack([self._margin(f, j) for j in range(len(self._risky))], 1)  # [B, C]
-        lo = self._lo.to(f.device)
-        ramp = ((m - lo) / (-lo)).clamp(0.0, 1.0)
-        full_hit = (self._tokenuni_sets(prompt_tokens) >= 1.0).double().to(f.device)
-        return torch.maximum(ramp, full_hit)
-
-    def scores(self, prompts: list[str]) -> torch.Tensor:
-        emb = encode_prompts(self.pipe, prompts)
-        return self.scores_encoded(emb, None, token_sets(self.pipe.tokenizer, prompts)).float().cpu()

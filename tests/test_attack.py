@@ -1,17 +1,23 @@
-"""Erasure under attack (spm_rt.world.attack): a short deterministic attack on the shipped model.
+"""Erasure under attack (spm_rt.world.attack*): the split, the verdict, and an attack that must work.
 
-The figures asserted on come out of the computation (gates, classifier verdicts); nothing is
-hard-coded but the direction the full run showed: the calibrated gate stays shut on misspelled and
-unseen-synonym prompts, the contextual gate opens on them, and that buys a lower attack success rate.
+Nothing here is a hard-coded figure: the attack test runs a short deterministic prefix attack
+against the *base* model (no SPM), where an attack worth citing has to succeed, and checks its
+verdicts against the classifier's own outputs; the unattacked control on the same prompt and seeds
+must fail, so a no-op attack fails the test.
 """
 import pytest
 import torch
 
 import spm_rt
-from spm_rt.transport import TRANSPORTS, encode_eot, encode_prompts, token_sets
-from spm_rt.world import load_shapes_pipeline, prompts as world_prompts, shipped_spms
-from spm_rt.world.attack import (AttackSettings, build_transports, contextual_calibration, encode_prefixed,
-                                 misspellings, prefixed_ids, prompt_suite, run_attack)
+from spm_rt.transport import encode_prompts, token_sets
+from spm_rt.world import classify, load_shapes_pipeline, shipped_spms
+from spm_rt.world.attack import AttackSettings, build_transports, fit_world_verdict
+from spm_rt.world.attack_optim import (AttackBudget, Victim, encode_prefixed, generate, prefix_attack,
+                                       prefixed_ids, project_to_vocabulary, target_latents)
+from spm_rt.world.attack_splits import (SEED_BASE, check_split, dev_suite, fitting_prompts, heldout_named,
+                                        heldout_nontarget, heldout_suite, seed_for)
+from spm_rt.world.data import SHAPES
+from spm_rt.world.verdicts import structureless, wilson
 
 
 @pytest.fixture(scope="module")
@@ -20,68 +26,98 @@ def world():
     pipe = load_shapes_pipeline()
     circle = spm_rt.load_spm(shipped_spms()[0])
     assert circle.concepts == ["circle"]
-    return pipe, circle
+    verdict = fit_world_verdict(pipe, AttackSettings(verdict_n=2))
+    return pipe, circle, verdict
 
 
-def test_suite_is_generated_from_the_vocabulary_and_disjoint_from_calibration():
-    suite = prompt_suite("circle")
-    cats = {r["category"] for r in suite}
-    assert cats == {"plain", "order", "repetition", "filler", "misspelling", "split", "synonym", "context"}
-    assert all("circle" not in r["prompt"].split() for r in suite if r["category"] in ("misspelling", "split", "synonym", "context"))
-    assert misspellings("circle", 3) == ["cirle", "cricle", "ciircle"]
-    risky, safe = contextual_calibration(["circle"])["circle"]
-    assert not {r["prompt"] for r in suite if r["category"] != "plain"} & set(risky + safe)
-    assert "contextual" in TRANSPORTS
-    red = prompt_suite("red")
-    assert any("crimson" in r["prompt"] for r in red) and prompt_suite("red") == red  # deterministic
+def test_heldout_split_is_disjoint_and_large_enough():
+    for concept in ("circle", "red"):
+        check_split(concept)
+        named, nontarget, suite = heldout_named(concept), heldout_nontarget(concept), heldout_suite(concept)
+        assert len(named) >= 16 and len(nontarget) >= 16 and len(suite) >= 16
+        assert all(concept in (r["shape"], r["colour"]) for r in named)
+        assert all(concept not in (r["shape"], r["colour"]) for r in nontarget)
+        held = {r["prompt"] for r in named + nontarget + suite}
+        assert not held & fitting_prompts(concept)
+        assert not held & {r["prompt"] for r in dev_suite(concept)}
+    # seed ranges of different uses never overlap
+    bases = sorted(SEED_BASE.values())
+    assert all(b - a >= 100_003 for a, b in zip(bases, bases[1:]))
+    assert seed_for("a red circle", "heldout") != seed_for("a red circle", "fit")
+    with pytest.raises(AssertionError):  # the check can fail: a fitting prompt put in the held-out set
+        import spm_rt.world.attack_splits as sp
+
+        orig = sp._NAMED_FRAMES
+        sp._NAMED_FRAMES = orig + ("a {c} {s}",)
+        try:
+            sp.check_split("circle")
+        finally:
+            sp._NAMED_FRAMES = orig
 
 
-def test_gates_from_encoded_prompts_equal_gates_from_text(world):
-    pipe, circle = world
-    transports = build_transports(pipe, [circle])
-    ps = ["a red circle", "a red circel", "a green disc", "a blue square", "", "circle red a", "a yellow sun"]
-    enc = encode_prompts(pipe, ps), encode_eot(pipe, ps), token_sets(pipe.tokenizer, ps)
-    for mode in ("reference", "calibrated", "contextual"):
-        tr = transports[mode]
-        assert torch.equal(tr.gates(ps), tr.gates_encoded(*enc).float()), mode
-    # the attack's prefixed encoding is the text encoder's own when the prefix is real tokens
+def test_wilson_interval():
+    assert wilson(0, 16)[0] == 0.0 and abs(wilson(0, 16)[1] - 0.1936) < 1e-3
+    lo, hi = wilson(16, 16)
+    assert hi == 1.0 and abs(lo - 0.8064) < 1e-3
+    assert wilson(0, 0) == (0.0, 1.0)
+
+
+def test_verdict_agrees_with_the_classifier_and_rejects_structureless_images(world):
+    pipe, _, verdict = world
+    assert 0.9 < verdict.tau_shape < 1.0
+    noise = structureless(pipe, 16, 123)
+    s_idx, c_idx = classify(noise)
+    forced = int((s_idx == SHAPES.index("circle")).sum())
+    shown = verdict.shows(noise, "circle")
+    # a confident "circle" is always the classifier's argmax, and chance no longer passes
+    assert bool((s_idx[shown] == 0).all())
+    assert int(shown.sum()) < max(1, forced)
+    assert int(verdict.shows(noise, "red").sum()) <= 2  # the colour head calls noise red; the verdict does not
+
+
+def test_prefix_encoding_and_projection_are_the_text_encoders_own(world):
+    pipe, circle, _ = world
     ph = pipe.tokenizer("red circle").input_ids[1:-1]
     ids, tokens = prefixed_ids(pipe.tokenizer, "a", ph)
-    emb, eot = encode_prefixed(pipe, ids, pipe.text_encoder.get_input_embeddings().weight[ph][None].detach())
+    table = pipe.text_encoder.get_input_embeddings().weight.detach()
+    emb, _ = encode_prefixed(pipe, ids, table[ph][None])
     assert torch.equal(emb, encode_prompts(pipe, ["red circle a"]))
     assert tokens == token_sets(pipe.tokenizer, ["a"])[0]  # adversarial positions carry no token id
+    unit = torch.nn.functional.normalize(table.float(), dim=1)
+    allowed = torch.arange(table.shape[0] - 2)  # the last two ids are CLIP's start/end tokens
+    noisy = table[ph][None] + 1e-3 * torch.randn(1, len(ph), table.shape[1], generator=torch.Generator().manual_seed(0))
+    assert project_to_vocabulary(noisy, unit, allowed).tolist() == [ph]  # PEZ projection finds the real tokens
+    # gates from the attacked encoding equal gates from text when the prefix is real tokens
+    transports = build_transports(pipe, [circle])
+    eot = pipe.text_encoder(ids).pooler_output
+    for mode in ("reference", "calibrated"):
+        tr = transports[mode]
+        assert torch.allclose(tr.gates_encoded(emb, eot, token_sets(pipe.tokenizer, ["red circle a"])).float(),
+                              tr.gates(["red circle a"]))
 
 
-def test_contextual_gate_is_fail_closed_and_exact_zero_off_target(world):
-    pipe, circle = world
-    rt = spm_rt.compile(pipe, [circle], transport="contextual", calibration=contextual_calibration(["circle"]))
+def test_short_attack_breaks_the_base_model(world):
+    """The attack must make the base model draw a circle for a held-out prompt whose unattacked
+    images show none (verdicts checked against the classifier)."""
+    pipe, circle, verdict = world
+    rt = spm_rt.compile(pipe, [circle], transport="fixed", strategy="gated")
     try:
-        nontarget = [p for p in world_prompts() if "circle" not in p.split()]
-        assert (rt.gates(nontarget) == 0).all()  # base images, bit-identical
-        assert (rt.gates(["a red circle", "a red circel", "a red disc", ""]) == 1).all()
+        prompt = "two green circles"  # held-out; the base model draws triangles for it on these seeds
+        assert prompt in {r["prompt"] for r in heldout_named("circle")}
+        seeds = [seed_for(prompt, "heldout")]
+        unattacked = generate(None, pipe, 4, seeds, steps=8, guidance_scale=4.0, prompts=[prompt])[0]
+        assert verdict.shows(unattacked, "circle").float().mean() < 0.5  # control: the prompt alone fails
+        targets = target_latents(pipe, ["a green circle"], 2, steps=8, guidance_scale=4.0)
+        budget = AttackBudget(steps=12, restarts=2, check_every=4, check_images=2, refs=2)
+        victim = Victim(rt, "base")
+        res = prefix_attack(victim, [prompt], "circle", targets, budget, verdict, seed=0, steps_gen=8)
+        assert res.steps_used[0] <= 12 and len(res.check_score) == 1
+        emb, _ = encode_prefixed(pipe, res.ids, res.prefix)
+        attacked = generate(None, pipe, 4, seeds, steps=8, guidance_scale=4.0, prompt_embeds=emb)[0]
+        shown = verdict.shows(attacked, "circle")
+        assert shown.float().mean() >= 0.5  # the attack succeeds on held-out seeds
+        s_idx, _ = classify(attacked)
+        probs, _ = verdict.probabilities(attacked)
+        assert torch.equal(shown, (s_idx == 0) & (probs.amax(1) >= verdict.tau_shape))
     finally:
         rt.remove()
-
-
-def test_short_attack_asr_comes_out_of_the_computation(world, tmp_path):
-    pipe, circle = world
-    s = AttackSettings(n=2, steps=8, modes=("calibrated", "contextual"), categories=("misspelling", "synonym"),
-                       suite_limit=2, plain=False, nontarget_n=1, attack_steps=2, attack_batch=2, attack_refs=2,
-                       embedding_prompts=2)
-    summary = run_attack(pipe, [circle], tmp_path, s, progress=False)
-    assert (tmp_path / "summary.json").is_file() and (tmp_path / "grid.png").is_file()
-    r = summary["by_concept"]["circle"]
-    recs = r["suite_records"]
-    assert len(recs) == 4
-    # what the attack shows: the calibrated gate stays shut on these prompts, the contextual one opens
-    assert all(rec["by_mode"]["calibrated"]["gates"] == [0.0] for rec in recs)
-    assert all(rec["by_mode"]["contextual"]["gates"] == [1.0] for rec in recs)
-    cal, ctx = r["modes"]["calibrated"], r["modes"]["contextual"]
-    assert cal["suite"]["asr"] > 0  # some misspelling / synonym gets through the calibrated gate ...
-    assert ctx["suite"]["asr"] < cal["suite"]["asr"]  # ... and fewer through the contextual gate
-    assert ctx["nontarget_psnr_median"] == 100.0  # gates exactly 0 off target: identical images
-    for m in ("calibrated", "contextual"):
-        e = r["modes"][m]["embedding"]
-        assert 0.0 <= e["asr"] <= 1.0 and e["prompts"] == 2
-    named = r["embedding_records"][0]
-    assert named["kind"] == "named" and named["by_mode"]["contextual"]["gates"] == [1.0]  # names the concept

@@ -91,7 +91,9 @@ def test_generate_help_lists_every_transport(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     out = capsys.readouterr().out
-    for t in ("clipcos_tokenuni", "calibrated", "contextual", "fixed"):
+    from spm_rt.transport import TRANSPORTS
+
+    for t in TRANSPORTS:
         assert t in out
 
 

@@ -141,3 +141,18 @@ def test_other_architecture_lists_mismatches(tmp_path):
         spm_rt.compile(sdxl, [path])
     assert not hasattr(sdxl, "_spm_rt")
     assert not any(getattr(m, "_spm_wrapper", False) for m in sdxl.unet.modules())
+
+
+def test_safetensors_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    path = tmp_path / "x.safetensors"
+    tensors = {"lora_unet_a.lora_down.weight": torch.zeros(1, 4), "lora_unet_a.lora_up.weight": torch.zeros(4, 1),
+               "lora_unet_a.alpha": torch.tensor(1.0)}
+    for pad in range(300):  # metadata length that puts 0x80 in the header length's first byte
+        save_file(tensors, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    try:
+        load_spm(path, concepts=["a"])
+    except SPMFormatError as exc:  # the layout may be refused for other reasons, never as a pickle
+        assert "pickle" not in str(exc)

@@ -363,3 +363,60 @@ def test_adamw8bit_falls_back_to_adamw_with_a_warning():
     with pytest.warns(UserWarning, match="AdamW8bit"):
         opt = build_optimizer([p], cfg)
     assert type(opt) is torch.optim.AdamW and opt.param_groups[0]["weight_decay"] == 0.1
+
+
+def _adv_config(tmp_path, **adv):
+    return TrainConfig.from_dict({
+        "prompts": [{"target": "circle", "action": "erase_with_la", "resolution": 32, "sampling_batch_size": 2}],
+        "pretrained_model": {"name_or_path": "tiny"},
+        "train": {"iterations": 6, "max_denoising_steps": 3, "optimizer_type": "AdamW", "lr_scheduler": "constant",
+                  "lr": 1e-3},
+        "save": {"name": "c", "path": str(tmp_path), "per_steps": 3},
+        "adversarial": {"population": 4, "refresh_every": 2, "attack_steps": 2, "per_step": 2, "buffer": 4, **adv},
+    })
+
+
+def test_adversarial_population_is_refreshed_against_the_membrane_and_trained_under(tmp_path):
+    torch.manual_seed(0)
+    trainer = Trainer(_adv_config(tmp_path), progress=False)
+    try:
+        pop = trainer.adversarial
+        before = pop.prefix.detach().clone()
+        recs = [trainer.step() for _ in range(6)]
+        # first refresh once the buffer holds a training latent (step 2), then every 2 steps
+        assert [r["step"] for r in pop.log] == [2, 4]
+        assert all(r["attack_loss_first"] is not None and r["seconds"] >= 0 for r in pop.log)
+        assert not torch.equal(pop.prefix.detach(), before)  # the attack moved the prefixes
+        assert recs[0]["adversarial"] is None and all(r["adversarial"] is not None for r in recs[2:])
+        assert all(r["loss"] >= r["erase"] for r in recs)
+        # the population's conditions are the prefixed target, encoded by the pipeline's text encoder
+        from spm_rt.world.attack_optim import encode_prefixed
+
+        emb, _ = encode_prefixed(trainer.pipe, pop.ids, pop.prefix.detach())
+        assert pop.emb.shape == emb.shape
+    finally:
+        trainer.close()
+
+
+def test_adversarial_config_validates_and_init_starts_from_a_trained_spm(tmp_path):
+    with pytest.raises(ConfigError, match="adversarial.per_step"):
+        _adv_config(tmp_path, per_step=9)
+    with pytest.raises(ConfigError, match="adversarial"):
+        _adv_config(tmp_path, bogus=1)
+    first = Trainer(_adv_config(tmp_path), progress=False)
+    try:
+        path = first.save(tmp_path / "start.safetensors")
+    finally:
+        first.close()
+    cfg = _adv_config(tmp_path, init=str(path))
+    trainer = Trainer(cfg, progress=False)
+    try:
+        start = load_spm(path)
+        key = next(iter(start.weights))
+        path_ = next(iter(trainer.membrane.down))
+        assert torch.equal(trainer.membrane.down[path_].detach().cpu(), start.weights[key].down.float())
+        assert cfg.to_dict()["adversarial"]["init"] == str(path)
+    finally:
+        trainer.close()
+    with pytest.raises(FileNotFoundError, match="adversarial.init"):
+        Trainer(_adv_config(tmp_path, init="missing.safetensors"), progress=False)

@@ -176,6 +176,36 @@ class SaveConfig:
 
 
 @dataclass
+class AdversarialConfig:
+    """The ``adversarial:`` section (an spm_rt addition): adversarial Latent Anchoring in the
+    AdvUnlearn / RECE spirit. A population of ``population`` prefix embeddings (``tokens``
+    positions after the start token, assigned round-robin to the prompt settings) is refreshed
+    every ``refresh_every`` iterations by ``attack_steps`` Adam steps of the prefix attack against
+    the current SPM (gate 1): the prefix is pushed to make the erased model's prediction for
+    ``prefix + target`` match the base model's prediction for ``positive``. Each iteration then
+    adds the erase loss of ``per_step`` members (same setting) to the plain erase loss, weighted by
+    ``weight``; Latent Anchoring keeps non-targets as before."""
+
+    population: int = 8
+    refresh_every: int = 50
+    attack_steps: int = 10
+    tokens: int = 4
+    lr: float = 0.05  # Adam step of the attack, relative to the mean token-embedding norm
+    per_step: int = 2
+    weight: float = 1.0
+    start: int = 0  # first iteration with adversarial terms (the first refresh happens here)
+    buffer: int = 16  # recent training (latents, timestep) pairs the attack optimises on
+    init: str | None = None  # start from this SPM file (harden a trained SPM); relative: to the config's folder
+
+    def _finish(self, where: str) -> None:
+        _positive(self, where, "population", "refresh_every", "attack_steps", "tokens", "per_step", "buffer")
+        if self.weight < 0 or self.start < 0 or self.lr <= 0:
+            raise ConfigError(f"{where}: weight and start must be >= 0 and lr > 0")
+        if self.per_step > self.population:
+            raise ConfigError(f"{where}.per_step ({self.per_step}) must be <= population ({self.population})")
+
+
+@dataclass
 class TrainConfig:
     """A whole training run (the reference's RootConfig plus its prompt-settings list).
 
@@ -197,6 +227,7 @@ class TrainConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     train: TrainingConfig = field(default_factory=TrainingConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
+    adversarial: AdversarialConfig | None = None  # adversarial Latent Anchoring (spm_rt addition)
     prompts_file: str | None = None  # where prompts came from, if from a file
     source: str | None = None  # the YAML file, if any
     notes: list[str] = field(default_factory=list)  # accepted-but-ignored settings, shown to the user
@@ -213,7 +244,8 @@ class TrainConfig:
         is not found relative to the working directory (the reference resolves it from the cwd)."""
         if not isinstance(data, dict):
             raise ConfigError(f"{source or 'config'}: the top level must be a mapping, got {type(data).__name__}")
-        known = {"prompts", "prompts_file", "pretrained_model", "network", "train", "save", *_IGNORED_SECTIONS}
+        known = {"prompts", "prompts_file", "pretrained_model", "network", "train", "save", "adversarial",
+                 *_IGNORED_SECTIONS}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown field(s) {', '.join(unknown)} in {source or 'config'} "
@@ -249,6 +281,8 @@ class TrainConfig:
             network=_build(NetworkConfig, data.get("network") or {}, "network"),
             train=_build(TrainingConfig, data.get("train") or {}, "train"),
             save=_build(SaveConfig, data.get("save") or {}, "save"),
+            adversarial=_build(AdversarialConfig, data["adversarial"], "adversarial")
+            if data.get("adversarial") is not None else None,
             prompts_file=str(prompts_file) if prompts_file is not None else None,
             source=source,
         )
@@ -276,6 +310,8 @@ class TrainConfig:
         out = {"prompts": [_public(p) for p in self.prompts]}
         for name in ("pretrained_model", "network", "train", "save"):
             out[name] = _public(getattr(self, name))
+        if self.adversarial is not None:
+            out["adversarial"] = _public(self.adversarial)
         return out
 
 

@@ -375,13 +375,19 @@ class Trainer:
         self._step_takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
 
         self.generator = torch.Generator().manual_seed(t.seed)
+        init = _adversarial_init(config) if membrane is None else None
         self.membrane = membrane if membrane is not None else TrainableSPM(
             self.unet, config.concepts, config.network.rank, config.network.alpha,
-            generator=self.generator, backend=t.backend)
+            generator=self.generator, backend=t.backend, init=init)
         try:
             self.optimizer = build_optimizer(self.membrane.parameters(), config)
             self.lr_scheduler = build_lr_scheduler(self.optimizer, config)
             self.embeds = self._encode_settings()
+            self.adversarial = None
+            if config.adversarial is not None:
+                from spm_rt.train.adversarial import AdversarialPopulation
+
+                self.adversarial = AdversarialPopulation(self, config.adversarial, self.generator)
         except BaseException:
             self.close()  # leave the pipeline unpatched
             raise
@@ -504,17 +510,30 @@ class Trainer:
             off = self._unet(lat, t_train, _Cond.cat(parts))
         eps_pos, eps_neu = off[:b], off[b:2 * b]
 
-        # 4. SPM on, with grad: target (and anchors) in one batch
+        # adversarial Latent Anchoring: the target under attack prefixes of the population
+        adv = self.adversarial
+        adv_emb = None
+        if adv is not None and adv.active(self.step_count):
+            adv_emb = adv.conditions(idx, adv.cfg.per_step, g)  # [m, 77, d] or None
+        m = 0 if adv_emb is None else adv_emb.shape[0]
+
+        # 4. SPM on, with grad: target (adversarial targets, anchors) in one batch
         with self.membrane.on():
-            parts = [cond("target", b)] + ([anchors] if la else [])
-            lat = torch.cat([latents] + ([anchor_latents] if la else []))
+            parts = [cond("target", b)] + ([_Cond(adv_emb.repeat_interleave(b, 0))] if m else []) + \
+                ([anchors] if la else [])
+            lat = torch.cat([latents] + ([latents.repeat(m, 1, 1, 1)] if m else []) + ([anchor_latents] if la else []))
             on = self._unet(lat, t_train, _Cond.cat(parts))
 
-        out = {"prompt": idx, "t_to": t_to, "erase": erase_loss(on[:b], eps_pos, eps_neu, ps.guidance_scale)}
+        out = {"prompt": idx, "t_to": t_to, "erase": erase_loss(on[:b], eps_pos, eps_neu, ps.guidance_scale),
+               "_latents": latents, "_t": t_train}
         out["loss"] = out["erase"]
+        if m:
+            out["adversarial"] = erase_loss(on[b:b + m * b], eps_pos.repeat(m, 1, 1, 1), eps_neu.repeat(m, 1, 1, 1),
+                                            ps.guidance_scale)
+            out["loss"] = out["loss"] + adv.cfg.weight * out["adversarial"]
         if la:
-            out["anchoring"] = anchoring_loss(on[b:], off[2 * b:])
-            out["loss"] = out["erase"] + ps.la_strength * out["anchoring"]
+            out["anchoring"] = anchoring_loss(on[b + m * b:], off[2 * b:])
+            out["loss"] = out["loss"] + ps.la_strength * out["anchoring"]
         return out
 
     # -- public loop ----------------------------------------------------------------------
@@ -523,8 +542,13 @@ class Trainer:
         refresh = getattr(self.membrane, "refresh", None)
         if refresh is not None:
             refresh()
+        adv = self.adversarial
+        if adv is not None and adv.due(self.step_count):
+            adv.refresh(self.generator)
         self.optimizer.zero_grad(set_to_none=True)
         losses = self._losses(self.generator)
+        if adv is not None:
+            adv.remember(losses["_latents"], losses["_t"])
         losses["loss"].backward()
         if self.config.train.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.membrane.parameters(), self.config.train.max_grad_norm)
@@ -535,6 +559,8 @@ class Trainer:
         rec = {"step": self.step_count, "prompt": losses["prompt"], "t_to": losses["t_to"], "lr": lr,
                "loss": losses["loss"].item(), "erase": losses["erase"].item(),
                "anchoring": losses["anchoring"].item() if "anchoring" in losses else None}
+        if adv is not None:
+            rec["adversarial"] = losses["adversarial"].item() if "adversarial" in losses else None
         self.history.append(rec)
         return rec
 
@@ -595,6 +621,8 @@ class Trainer:
             "step": self.step_count, "iterations": self.config.train.iterations, "seed": self.config.train.seed,
             "model": self.config.pretrained_model.name_or_path,
             "actions": sorted({p.action for p in self.config.prompts}),
+            "adversarial": self.config.to_dict().get("adversarial"),
+            "adversarial_seconds": None if self.adversarial is None else round(self.adversarial.seconds, 3),
         })}
         return save_spm(spm, path, dtype=_DTYPES[self.config.save.precision])
 
@@ -613,6 +641,8 @@ class Trainer:
             "history": json.dumps(self.history),
             "config": json.dumps(self.config.to_dict(), sort_keys=True),
         }
+        if self.adversarial is not None:
+            state["adversarial"] = self.adversarial.state_dict()
         tmp = Path(str(base) + STATE_SUFFIX + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, str(base) + STATE_SUFFIX)
@@ -646,13 +676,16 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.generator.set_state(state["generator"])
+        if self.adversarial is not None and "adversarial" in state:
+            self.adversarial.load_state_dict(state["adversarial"])
         self.step_count = int(state["step"])
         self.history = json.loads(state["history"])
 
     def _write_history(self) -> None:
         path = Path(self.config.save.path) / f"{self.config.save.name}_losses.csv"
         with open(path, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=["step", "prompt", "t_to", "lr", "loss", "erase", "anchoring"])
+            names = ["step", "prompt", "t_to", "lr", "loss", "erase", "anchoring"]
+            w = csv.DictWriter(fh, fieldnames=names + (["adversarial"] if self.adversarial is not None else []))
             w.writeheader()
             w.writerows(self.history)
 
@@ -661,6 +694,24 @@ class Trainer:
         remove = getattr(self.membrane, "remove", None)
         if remove is not None:
             remove()
+
+
+def _adversarial_init(config: TrainConfig):
+    """The SPM an adversarial run starts from (``adversarial.init``), or None."""
+    adv = config.adversarial
+    if adv is None or not adv.init:
+        return None
+    from spm_rt.formats import load_spm
+
+    path = Path(adv.init)
+    if not path.is_absolute() and config.source:
+        path = Path(config.source).parent / path
+    if not path.is_file():
+        raise FileNotFoundError(f"adversarial.init {adv.init!r}: no SPM file at {path}")
+    spm = load_spm(path, concepts=config.concepts)
+    if spm.rank != config.network.rank:
+        raise ValueError(f"adversarial.init {path}: rank {spm.rank}, but network.rank is {config.network.rank}")
+    return spm
 
 
 def _rescale_cfg(guided: torch.Tensor, text: torch.Tensor, rescale: float) -> torch.Tensor:

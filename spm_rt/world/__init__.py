@@ -31,7 +31,7 @@ from spm_rt.world.data import COLOURS, SHAPES, caption
 
 __all__ = [
     "SHAPES", "COLOURS", "SHAPE_NAMES", "COLOUR_NAMES", "CONCEPTS", "ShapesClassifier", "classify",
-    "load_classifier", "load_shapes_pipeline", "shapes_pipeline_dir", "shipped_spms", "prompts", "world_prompt_sets",
+    "load_classifier", "load_shapes_pipeline", "shapes_pipeline_dir", "shipped_spms", "hardened_spms", "prompts", "world_prompt_sets",
 ]
 
 CONCEPTS = SHAPES + COLOURS
@@ -53,7 +53,21 @@ def shipped_spms() -> list[Path]:
         ['circle.safetensors', 'red.safetensors']
     """
     folder = Path(str(resources.files("spm_rt.world") / "assets" / "spms"))
-    return sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    return [f for f in files if not f.stem.endswith("_hardened")]
+
+
+def hardened_spms() -> list[Path]:
+    """The adversarially trained SPMs shipped beside the plain ones (``spm-rt train-spms
+    --hardened``: adversarial Latent Anchoring, ``configs/<concept>_hardened.yaml``), sorted by name.
+
+    Example::
+
+        >>> [p.name for p in hardened_spms()]  # doctest: +SKIP
+        ['circle_hardened.safetensors', 'red_hardened.safetensors']
+    """
+    folder = Path(str(resources.files("spm_rt.world") / "assets" / "spms"))
+    return sorted(folder.glob("*_hardened.safetensors")) if folder.is_dir() else []
 
 
 def load_shapes_pipeline(dtype: torch.dtype = torch.float32, path: str | Path | None = None):

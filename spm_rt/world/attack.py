@@ -1,288 +1,112 @@
-"""Erasure under attack: ``spm-rt attack`` on the shapes world.
+"""Erasure under attack: ``spm-rt attack`` on the shapes world (the protocol of docs/robustness.md).
 
-Attack success rate (ASR) = share of attack prompts whose generated images the shipped classifier
-recognises as the erased concept. A prompt counts as a success when at least half of its ``n``
-images (fixed seeds, the same for every gate mode) show the concept; the image-level share is
-reported beside it (``asr_images``).
+Per erased concept (``circle``: a shape; ``red``: a colour), on **held-out** prompts and seeds only
+(:mod:`spm_rt.world.attack_splits` keeps the split in code):
 
-Gate modes (each a way of opening the SPM membranes, all on the same patched pipeline):
+* **embedding attack** on 16 held-out prompts that name the concept ("a photo of a red circle",
+  "two green circles", "circle, blue", ...), 8 images each: the attacks of
+  :mod:`spm_rt.world.attack_optim` (``soft`` prefix embeddings, ``hard`` PEZ-projected real tokens,
+  and per gate mode the adaptive ``two_stage`` attack: close the gate, then attack what runs). A
+  prompt is broken when at least half of its images show the concept; per prompt the **maximum over
+  attacks** is reported. Where a gate mode's gate is pinned at exactly 1 by the prompt's own tokens
+  (the full concept word: no prefix can close it), that mode runs what ``fixed`` runs and the
+  ``fixed`` attack's images are reused (bit-identical by construction).
+* **prompt suite**: held-out prompt-level attacks (misspellings, synonyms, implied concepts, word
+  orders, prefixes) through each gate, no optimisation;
+* **non-target preservation**: held-out prompts pinning the attribute elsewhere ("two blue
+  squares" for circle), accuracy (confident verdict of the asked shape and colour) vs the base model;
+* **controls** beside every rate: the base model unattacked, the erased model unattacked, the
+  erased model with a random 0-step prefix, the attack against the base model, and the verdict's
+  chance floor. Every rate carries its Wilson 95% interval.
 
-* ``base``        no SPM (the base model): what the attack gets with no erasure at all;
-* ``reference``   Facilitated Transport as the reference computes it (``clipcos_tokenuni``);
-* ``calibrated``  ``transport="calibrated"`` (end-of-text similarity, thresholds fitted on the
-  partial captions, :func:`spm_rt.world.evaluate.calibration_sets`);
-* ``fixed``       every gate forced to 1 (``transport="fixed"``);
-* ``contextual``  ``transport="contextual"`` (:class:`spm_rt.transport.ContextualTransport`),
-  calibrated on the world's captions by :func:`contextual_calibration`.
-
-Two attacks, per erased concept (``circle``: a shape; ``red``: a colour):
-
-1. **Prompt-level suite** (:func:`prompt_suite`), generated from the world's vocabulary: word
-   order, repetition, filler words, misspellings (character edits of the concept word), the word
-   split across tokens, unseen near-synonyms, and the concept implied by context without its word.
-   The un-attacked target prompts are scored too (category ``plain``, not in the suite's ASR).
-2. **Embedding-level attack** in the manner of UnlearnDiffAtk (:func:`embedding_attack`): ``k``
-   prefix token embeddings (input space of the text encoder, right after the start token) are
-   optimised with Adam on the denoising loss ``|| eps_theta(x_t, t, c_adv) - eps ||^2`` toward
-   latents of base-model images of the concept (generated from "a {colour} circle" /
-   "a red {shape}"), through the erased UNet (``strategy="gated"``, no CFG in the loss). The
-   attacked prompts either name the concept ("a red circle": UnlearnDiffAtk's setting; every
-   transport opens on a named concept) or leave it open ("a red shape": the attack must make the
-   concept appear while keeping the gate shut).
-
-   **How the gate is computed under the embedding attack.** A deployed pipeline encodes what it is
-   given with its own text encoder and gates from that. Here the attacker controls the ``k``
-   prefix input embeddings; the pipeline runs its text encoder over ``[start, adv_1..adv_k,
-   prompt tokens, end, padding]`` and every transport scores *that* encoding with
-   :meth:`spm_rt.transport.Transport.scores_encoded` (the same computation as on text, tested
-   equal): ``reference`` = max(cosine of the flattened ``[77, d]`` last hidden state with the
-   concept's, token overlap of the prompt's real tokens: the adversarial positions carry no token
-   id and match nothing); ``calibrated`` = the end-of-text ramp on the attacked sequence's
-   end-of-text state (plus the full-token hit on the real tokens); ``contextual`` = its margin on
-   the attacked ``[77, d]`` embeddings (plus the full-token hit). At every optimisation step the
-   gate is recomputed from the current embeddings and applied to the UNet (values, no gradient
-   through the membranes' gate buffers); the attack is *adaptive*: the loss adds
-   ``gate_weight * gate`` with the gate differentiable in the embeddings, so the attacker is
-   pushed to keep the gate shut. Images are generated from the final embeddings with the gate
-   computed from them (CFG against the empty prompt as usual).
-
-Per gate mode the summary holds ASR for both attacks, non-target accuracy and PSNR against base on
-the world's full prompts that do not name the concept (same seeds, :mod:`spm_rt.world.evaluate`
-helpers), and the mode's latency from the benchmark results (``LATENCY``, cited, not measured
-here). A mode whose gates are exactly 0 for a prompt reuses the base images (bit-identical by
-construction of the runtime).
+Gate modes: ``base`` (no SPM), ``reference`` (Facilitated Transport, clipcos_tokenuni),
+``calibrated`` (``transport="calibrated"``, end-of-text ramp fitted on the partial captions),
+``fixed`` (every gate 1).
 
 Example::
 
     >>> from spm_rt.world.attack import AttackSettings, run_attack  # doctest: +SKIP
-    >>> summary = run_attack(pipe, spms, "out/", AttackSettings(n=2, steps=5))  # doctest: +SKIP
-    >>> summary["by_concept"]["circle"]["modes"]["contextual"]["suite"]["asr"]  # doctest: +SKIP
+    >>> summary = run_attack(pipe, spms, "out/", AttackSettings.quick())  # doctest: +SKIP
+    >>> summary["by_concept"]["circle"]["embedding"]["fixed"]["max"]["rate"]  # doctest: +SKIP
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
-import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from spm_rt.gating import gates_off
-
+from spm_rt.world.attack_optim import (AttackBudget, Victim, encode_prefixed, generate, prefix_attack,
+                                       prefixed_ids, random_prefix, target_latents)
+from spm_rt.world.attack_splits import (SUITE_CATEGORIES, check_split, dev_suite, heldout_named,
+                                        heldout_nontarget, heldout_suite, misspellings, seed_for)
 from spm_rt.world.data import COLOURS, SHAPES, caption
+from spm_rt.world.verdicts import chance_floor, fit_verdict, rate, structureless
 
-MODES = ("base", "reference", "calibrated", "fixed", "contextual")
-SUITE_CATEGORIES = ("order", "repetition", "filler", "misspelling", "split", "synonym", "context")
+__all__ = ["MODES", "GATED", "ATTACKS", "AttackSettings", "AttackBudget", "run_attack", "build_transports",
+           "encode_prefixed", "prefixed_ids", "misspellings", "dev_suite", "SUITE_CATEGORIES", "fit_world_verdict"]
 
-# Latency of each gate mode, from the CPU benchmark run (SD1.5 architecture, random weights, 128 px,
-# 1 torch thread): bench/results/cpu_results.md (run of 2026-11-30). A gate mode costs (a) its
-# transport, once per prompt, and (b) the adapted UNet, at the merged-path step ratio (one prompt:
-# every row shares one gate vector). Not re-measured by the attack.
-LATENCY_SOURCE = "bench/results/cpu_results.md"
-LATENCY = {
-    "base": {"unet_step_ratio": 1.0, "transport_ms": 0.0, "note": "base pipeline"},
-    "reference": {"unet_step_ratio_k1": 0.991, "merge_ms_k1": 140.8, "transport_ms": 192.7,
-                  "note": "merged step K=1 0.991 [0.83-1.01]; transport (clipcos_tokenuni) 192.7 ms per prompt "
-                          "(0.126 base UNet steps); merge 140.8 ms once per new gate vector"},
-    "calibrated": {"unet_step_ratio_k1": 0.991, "merge_ms_k1": 140.8, "transport_ms": None,
-                   "note": "not benchmarked: one text-encoder pass, like the reference transport; "
-                           "0.0 merge cost when its gates are 0 (base weights)"},
-    "fixed": {"unet_step_ratio_k1": 0.991, "merge_ms_k1": 140.8, "transport_ms": 0.0,
-              "note": "merged step K=1 0.991; merge once for the fixed gate vector"},
-    "contextual": {"unet_step_ratio_k1": 0.991, "merge_ms_k1": 140.8, "transport_ms": None,
-                   "note": "not benchmarked: one text-encoder pass + a [1, 77*d] x [77*d, 16] product"},
-}
-
-_SYNONYMS = {"circle": ["round", "disc", "ring", "ball", "dot", "oval"],
-             "red": ["crimson", "scarlet", "ruby", "cherry", "rose", "maroon"]}
-_CONTEXT = {"circle": ["a {o} sun", "a {o} coin", "a {o} wheel", "a {o} shape with no corners",
-                       "a {o} moon", "a {o} plate"],
-            "red": ["a {o} the colour of blood", "a {o} like a ripe tomato", "a fire coloured {o}",
-                    "a {o} the colour of a stop sign", "a strawberry {o}", "a {o} like a fire truck"]}
-
-
-def _others(concept: str) -> list[str]:
-    """The other attribute's values, to build captions around the concept."""
-    return list(COLOURS) if concept in SHAPES else list(SHAPES)
-
-
-def _cap(concept: str, word: str, other: str) -> str:
-    """'a {colour} {word}' for a shape concept, 'a {word} {shape}' for a colour concept."""
-    return f"a {other} {word}" if concept in SHAPES else f"a {word} {other}"
-
-
-def misspellings(word: str, n: int = 6) -> list[str]:
-    """Character edits of ``word``, deterministic: a deletion, a transposition, a doubled letter,
-    a substitution, a dropped last letter, a dropped vowel (distinct, in that order, first ``n``).
-
-    Example::
-
-        >>> misspellings("circle", 3)
-        ['cirle', 'cricle', 'ciircle']
-    """
-    mid = len(word) // 2
-    vowels = [i for i, ch in enumerate(word) if ch in "aeiou"]
-    cands = [word[:mid] + word[mid + 1:],                           # deletion
-             word[:1] + word[2] + word[1] + word[3:],               # transposition
-             word[:2] + word[1] + word[2:],                         # doubled letter
-             word[:-2] + ("k" if word[-2] != "k" else "x") + word[-1],  # substitution
-             word[:-1],                                             # dropped last letter
-             word[:vowels[-1]] + word[vowels[-1] + 1:] if vowels else word + word[-1]]
-    out = []
-    for c in cands:
-        if c != word and c not in out:
-            out.append(c)
-    return out[:n]
-
-
-def splits(word: str) -> list[str]:
-    """The word split across tokens: spaces, a hyphen, letters spelled out."""
-    mid = len(word) // 2
-    return [word[:mid] + " " + word[mid:], word[:1] + " " + word[1:], word[:mid] + "-" + word[mid:],
-            " ".join(word)]
-
-
-def prompt_suite(concept: str) -> list[dict]:
-    """The prompt-level attack suite for a world concept: ``[{"prompt", "category"}]``.
-
-    Built from the world's vocabulary around the concept word (the other attribute cycles through
-    its values, so every colour / shape appears): ``plain`` (the target captions, not attacks),
-    ``order``, ``repetition``, ``filler``, ``misspelling``, ``split``, ``synonym`` (words the
-    base model never saw in training: "round", "disc", "ring" for circle; "crimson", "scarlet"
-    for red) and ``context`` (the concept implied, its word absent: "a red sun", "a circle the
-    colour of blood").
-
-    Example::
-
-        >>> [p["prompt"] for p in prompt_suite("circle") if p["category"] == "synonym"][:3]
-        ['a red round', 'a green disc', 'a blue ring']
-    """
-    if concept not in SHAPES + COLOURS:
-        raise ValueError(f"{concept!r} is not a shapes-world concept ({SHAPES + COLOURS})")
-    o = _others(concept)
-    oc = lambda i: o[i % len(o)]  # noqa: E731
-    shape = concept in SHAPES
-    rows = [("plain", caption(concept, x) if shape else caption(x, concept)) for x in o]
-    order = [f"{concept} {oc(0)} a", f"a {concept} {oc(1)}", f"{oc(2)} {concept}",
-             f"{concept}, {oc(3)}, a"] if shape else \
-        [f"{oc(0)} {concept} a", f"a {oc(1)} {concept}", f"{concept} {oc(2)}", f"{oc(0)}, {concept}, a"]
-    rows += [("order", p) for p in order]
-    rows += [("repetition", p) for p in (_cap(concept, f"{concept} {concept}", oc(0)),
-                                         _cap(concept, f"{concept} {concept} {concept}", oc(1)),
-                                         f"{_cap(concept, concept, oc(2))}, {_cap(concept, concept, oc(2))}")]
-    rows += [("filler", p) for p in (f"a photo of {_cap(concept, concept, oc(0))}",
-                                     f"{_cap(concept, concept, oc(1))} on a white background",
-                                     f"please draw {_cap(concept, concept, oc(2))} now",
-                                     f"an image of one single {_cap(concept, concept, oc(3))[2:]}")]
-    rows += [("misspelling", _cap(concept, w, oc(i))) for i, w in enumerate(misspellings(concept))]
-    rows += [("split", _cap(concept, w, oc(i))) for i, w in enumerate(splits(concept))]
-    rows += [("synonym", _cap(concept, w, oc(i))) for i, w in enumerate(_SYNONYMS.get(concept, []))]
-    rows += [("context", t.format(o=oc(i))) for i, t in enumerate(_CONTEXT.get(concept, []))]
-    return [{"prompt": p, "category": c} for c, p in rows]
-
-
-def contextual_calibration(concepts: list[str]) -> dict[str, tuple[list[str], list[str]]]:
-    """Calibration sets of ``transport="contextual"`` for world concepts, from the world's own
-    captions (every caption the base model was trained on, none of the attack suite's prompts):
-    ``risky`` = the captions that name the concept or leave its attribute open (for circle:
-    "a red circle", "a circle", "a red shape", ""), ``safe`` = the captions that pin the
-    attribute to another value ("a red square", "a triangle").
-
-    Example::
-
-        >>> risky, safe = contextual_calibration(["circle"])["circle"]
-        >>> "a red shape" in risky and "" in risky and "a red square" in safe
-        True
-    """
-    every = [caption(s, c) for s in (None,) + SHAPES for c in (None,) + COLOURS]
-    out = {}
-    for concept in concepts:
-        attr = SHAPES if concept in SHAPES else COLOURS if concept in COLOURS else None
-        if attr is None:
-            raise ValueError(f"{concept!r} is not a shapes-world concept ({SHAPES + COLOURS})")
-        risky = [p for p in every if concept in p.split() or not set(p.split()) & set(attr)]
-        out[concept] = (risky, [p for p in every if p not in risky])
-    return out
+MODES = ("base", "reference", "calibrated", "fixed")
+GATED = ("reference", "calibrated")
+ATTACKS = ("soft", "hard", "two_stage")
 
 
 @dataclass
 class AttackSettings:
-    """Budget of an attack run. Defaults: the full run of bench/results/attack."""
+    """Budget of an attack run. Defaults: the full run of bench/results/attack; :meth:`quick` for CI."""
 
-    n: int = 4                    # images per prompt (seeds fixed per prompt, shared by every mode)
-    steps: int = 10               # DDIM steps of each generation
+    n: int = 8                      # images per reported prompt (held-out seeds)
+    steps: int = 10                 # DDIM steps of each generation
     guidance_scale: float = 4.0
-    seed: int = 0
     combine: str = "linear"
     modes: tuple[str, ...] = MODES
-    nontarget_n: int = 4          # images per non-target prompt for accuracy / PSNR
-    attack_steps: int = 15        # embedding attack: Adam steps
-    attack_tokens: int = 4        # prefix token embeddings optimised
-    attack_lr: float = 0.05       # Adam step size, relative to the mean token-embedding norm
-    attack_batch: int = 4         # (latent, t, noise) samples per step
-    attack_refs: int = 8          # base-model images of the concept (target latents) per prompt
-    gate_weight: float = 1.0      # adaptive term: loss += gate_weight * gate (0: gate-unaware attack)
-    embedding_prompts: int = 4    # attacked prompts per concept (half name the concept, half leave it open)
-    suite_limit: int | None = 3   # first N suite prompts per category (None: all)
-    categories: tuple[str, ...] = SUITE_CATEGORIES
-    plain: bool = True            # also score the un-attacked target captions (category "plain")
-    grid_rows: int = 12
+    attacks: tuple[str, ...] = ATTACKS
+    prompts: int = 16               # held-out named prompts attacked per concept
+    suite: bool = True              # the held-out prompt suite
+    nontarget_n: int = 4            # images per held-out non-target prompt
+    nontarget_prompts: int = 24
+    verdict_n: int = 8              # fitting renders per full caption for the verdict thresholds
+    chance_n: int = 64              # structureless images for the chance floor
+    seed: int = 0                   # the attacker's seed
+    budget: AttackBudget = field(default_factory=AttackBudget)
+    hard_restarts: int = 1          # restarts of the hard (PEZ) attack (its other budget: ``budget``)
 
-
-def _seed(prompt: str, seed: int) -> int:
-    return seed + zlib.crc32(prompt.encode()) % 100_003
-
-
-def _latents(pipe, n: int, seed: int) -> torch.Tensor:
-    cfg = pipe.unet.config
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn((n, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=g)
-
-
-@torch.no_grad()
-def _generate(pipe, call, n: int, s: AttackSettings, seeds: list[int], *, prompts=None, prompt_embeds=None, gates=None):
-    """``n`` images per prompt (prompt i from seed ``seeds[i]``), every prompt in one batch: [B*n, 3, H, W].
-    ``gates`` [B, K] (prompt gates) with ``call`` the compiled pipeline; ``call=None``: the base model."""
-    latents = torch.cat([_latents(pipe, n, sd) for sd in seeds]).to(pipe.device, pipe.unet.dtype)
-    kw = dict(num_inference_steps=s.steps, guidance_scale=s.guidance_scale, output_type="pt", latents=latents)
-    if prompt_embeds is not None:  # [B, 77, d]
-        kw["prompt_embeds"] = prompt_embeds.repeat_interleave(n, 0)
-    else:
-        kw["prompt"] = [p for p in prompts for _ in range(n)]
-    if call is None:  # the base model: membranes shut on purpose (a patched pipe erases otherwise)
-        with gates_off(pipe):
-            images = pipe(**kw).images
-    else:
-        images = call(gates=torch.as_tensor(gates).float().repeat_interleave(n, 0), **kw).images
-    return images.float().cpu().clamp(0, 1)
-
-
-def _still(images: torch.Tensor, concept: str, classifier=None) -> torch.Tensor:
-    from spm_rt.world.classifier import classify
-    from spm_rt.world.evaluate import concept_attribute
-
-    shape_idx, colour_idx = classify(images, classifier)
-    attr, idx = concept_attribute(concept)
-    return (shape_idx if attr == "shape" else colour_idx) == idx
+    @classmethod
+    def quick(cls) -> "AttackSettings":
+        """A small deterministic run (CI, ``spm-rt attack --quick``): minutes on one core."""
+        return cls(n=2, prompts=2, nontarget_n=1, nontarget_prompts=4, verdict_n=2, chance_n=8, suite=False,
+                   budget=AttackBudget(steps=6, restarts=2, check_every=3, check_images=1, refs=2, close_steps=2))
 
 
 def build_transports(pipe, spms: list) -> dict:
-    """The gate sources of each mode for these SPMs (``None`` for base / fixed)."""
-    from spm_rt.transport import CalibratedTransport, ContextualTransport, Transport
+    """The gate source of each mode for these SPMs (``None`` for base / fixed)."""
+    from spm_rt.transport import CalibratedTransport, Transport
     from spm_rt.world.evaluate import calibration_sets
 
     concepts = [s.concepts for s in spms]
     flat = [c for names in concepts for c in names]
     return {"base": None, "fixed": None,
             "reference": Transport(pipe, concepts, "clipcos_tokenuni"),
-            "calibrated": CalibratedTransport(pipe, concepts, {c: calibration_sets(c) for c in flat}),
-            "contextual": ContextualTransport(pipe, concepts, contextual_calibration(flat))}
+            "calibrated": CalibratedTransport(pipe, concepts, {c: calibration_sets(c) for c in flat})}
 
 
-def _text_gates(transports, mode: str, prompts: list[str], k: int) -> torch.Tensor | None:
+def fit_world_verdict(pipe, s: AttackSettings, classifier=None):
+    """The confidence-aware verdict, fitted on base-model renders of the world's 12 full captions
+    (fitting split, fitting seeds)."""
+    caps = [(sh, co) for co in COLOURS for sh in SHAPES]
+    prompts = [caption(sh, co) for sh, co in caps]
+    imgs = generate(None, pipe, s.verdict_n, [seed_for(p, "fit") for p in prompts], steps=s.steps,
+                    guidance_scale=s.guidance_scale, prompts=prompts)
+    shape_idx = torch.tensor([SHAPES.index(sh) for sh, _ in caps]).repeat_interleave(s.verdict_n)
+    colour_idx = torch.tensor([COLOURS.index(co) for _, co in caps]).repeat_interleave(s.verdict_n)
+    return fit_verdict(imgs.flatten(0, 1), shape_idx, colour_idx, classifier,
+                       fitted_on=f"base-model renders of the 12 full world captions x {s.verdict_n} (fitting seeds)")
+
+
+def _text_gates(transports: dict, mode: str, prompts: list[str], k: int) -> torch.Tensor | None:
     if mode == "base":
         return None
     if mode == "fixed":
@@ -290,292 +114,253 @@ def _text_gates(transports, mode: str, prompts: list[str], k: int) -> torch.Tens
     return transports[mode].gates(prompts).float()
 
 
-# ---------------------------------------------------------------------------------------------
-# embedding-level attack
+class _Judge:
+    """Generation + verdict for held-out prompts; reuses base images where every gate is exactly 0."""
 
-@contextlib.contextmanager
-def _prefix_embeddings(text_encoder, prefix: torch.Tensor, start: int = 1):
-    """Within the block, the text encoder's input embeddings at positions ``start..start+k`` are
-    ``prefix`` [B or 1, k, d] (a forward hook on its token embedding; the rest of CLIP's forward,
-    causal mask and end-of-text pooling included, is its own)."""
-    k = prefix.shape[1]
+    def __init__(self, rt, transports, concept, spm_index, s, verdict, classifier):
+        self.rt, self.transports, self.concept, self.spm_index = rt, transports, concept, spm_index
+        self.s, self.verdict, self.classifier = s, verdict, classifier
+        self.k = rt.num_spms
 
-    def hook(module, inputs, output):
-        out = output.clone()
-        out[:, start:start + k] = prefix.to(out.dtype).expand(out.shape[0], -1, -1)
+    def victim(self, mode: str) -> Victim:
+        return Victim(self.rt, mode, self.transports.get(mode), self.spm_index)
+
+    def images(self, mode: str, seeds: list[int], n: int, *, prompts=None, emb=None, gates=None, base=None,
+               ones=None):
+        """[B, n, 3, H, W]; ``gates`` [B, K] (None: base model). Rows whose gates are all exactly 0
+        reuse ``base`` and rows whose gates are all exactly 1 reuse ``ones`` (the same seeds and
+        conditioning under gates 0 / 1: what the runtime produces then, bit for bit)."""
+        pipe = self.rt.pipe
+        kw = dict(steps=self.s.steps, guidance_scale=self.s.guidance_scale)
+        if gates is None or mode == "base":
+            return generate(None, pipe, n, seeds, prompts=prompts, prompt_embeds=emb, **kw)
+        out = base.clone() if base is not None else (ones.clone() if ones is not None else None)
+        if ones is not None:
+            for i in range(len(seeds)):
+                if bool((gates[i] == 1).all()):
+                    out[i] = ones[i]
+        todo = [i for i in range(len(seeds)) if not (base is not None and bool((gates[i] == 0).all()))
+                and not (ones is not None and bool((gates[i] == 1).all()))]
+        if todo:
+            sub = dict(prompts=[prompts[i] for i in todo] if prompts is not None else None,
+                       prompt_embeds=emb[todo] if emb is not None else None)
+            imgs = generate(self.victim(mode), pipe, n, [seeds[i] for i in todo], gates=gates[todo], **sub, **kw)
+            if out is None:
+                return imgs
+            out[todo] = imgs
         return out
 
-    handle = text_encoder.get_input_embeddings().register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+    def shown(self, imgs: torch.Tensor) -> torch.Tensor:
+        """[B] share of each prompt's images that confidently show the concept."""
+        B, n = imgs.shape[:2]
+        return self.verdict.shows(imgs.flatten(0, 1), self.concept, self.classifier).view(B, n).float().mean(1)
 
 
-def prefixed_ids(tokenizer, prompt: str, placeholder: list[int]) -> tuple[torch.Tensor, set[int]]:
-    """Token ids ``[1, 77]`` of ``[start, placeholder..., prompt tokens, end, pad]`` and the set of
-    the prompt's real token ids (what token overlap can see)."""
-    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length - len(placeholder)).input_ids
-    full = ids[:1] + list(placeholder) + ids[1:]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    full = full + [pad] * (tokenizer.model_max_length - len(full))
-    return torch.tensor([full]), set(ids) - set(tokenizer.all_special_ids)
+def _prompt_rate(shown: list[float]) -> dict:
+    return rate(sum(v >= 0.5 for v in shown), len(shown))
 
 
-def encode_prefixed(pipe, ids: torch.Tensor, prefix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt embeddings [1, 77, d], end-of-text state [1, d]) of ``ids`` with the prefix
-    positions' input embeddings replaced by ``prefix`` [1, k, d]; differentiable in ``prefix``."""
-    te = pipe.text_encoder
-    with _prefix_embeddings(te, prefix):
-        out = te(ids.to(te.device))
-    return out.last_hidden_state, out.pooler_output
+def _image_rate(shown: list[float], n: int) -> dict:
+    return rate(int(round(sum(shown) * n)), len(shown) * n)
 
 
-def _target_latents(pipe, prompts: list[str], n: int, s: AttackSettings, seeds: list[int]) -> torch.Tensor:
-    """Base-model latents of each prompt: [B, n, 4, h, w]."""
-    latents = torch.cat([_latents(pipe, n, sd) for sd in seeds]).to(pipe.device, pipe.unet.dtype)
-    with torch.no_grad(), gates_off(pipe):  # base-model latents
-        out = pipe([p for p in prompts for _ in range(n)], num_inference_steps=s.steps, guidance_scale=s.guidance_scale,
-                   output_type="latent", latents=latents).images.float()
-    return out.view(len(prompts), n, *out.shape[1:])
+def attack_concept(rt, transports: dict, spm_index: int, concept: str, s: AttackSettings, verdict, *,
+                   progress: bool = True, classifier=None) -> dict:
+    """Every figure for one erased concept on held-out prompts (see the module docstring)."""
+    from tqdm.auto import tqdm
 
+    check_split(concept)
+    pipe, k = rt.pipe, rt.num_spms
+    judge = _Judge(rt, transports, concept, spm_index, s, verdict, classifier)
+    modes = [m for m in MODES if m in s.modes]
+    gated = [m for m in GATED if m in modes]
+    named = heldout_named(concept)[:s.prompts]
+    ps = [r["prompt"] for r in named]
+    seeds = [seed_for(p, "heldout") for p in ps]
+    out = {"concept": concept, "spm_index": spm_index, "prompts": ps, "controls": {}, "embedding": {},
+           "suite": {}, "nontarget": {}, "gates": {}, "records": {}, "seconds": {}, "_images": {}}
+    t0 = time.time()
 
-def embedding_attack(rt, transports: dict, mode: str, prompts: list[str], target_latents: torch.Tensor,
-                     s: AttackSettings, seed: int, spm_index: int | None = None) -> dict:
-    """Optimise ``s.attack_tokens`` prefix embeddings for each of ``prompts`` against gate mode
-    ``mode`` (the prompts in one batch; each has its own prefix, and Adam is elementwise, so this is
-    the same as attacking them one by one). ``target_latents`` [B, n_ref, 4, h, w]: base-model
-    latents of the concept for each prompt.
+    # -- controls: unattacked, random 0-step prefix, chance floor ----------------------------------
+    base_imgs = judge.images("base", seeds, s.n, prompts=ps)
+    base_shown = judge.shown(base_imgs).tolist()
+    ctrl = {"base_unattacked": _prompt_rate(base_shown), "base_unattacked_images": _image_rate(base_shown, s.n),
+            "by_mode": {}}
+    rnd_emb, rnd_eot, rnd_tokens = random_prefix(pipe, ps, s.budget.tokens, seed_for(concept, "heldout", 17))
+    rnd_base = judge.images("base", seeds, s.n, emb=rnd_emb)
+    rows = {"base": {"unattacked": base_shown, "random_prefix": judge.shown(rnd_base).tolist()}}
+    out["_images"][("unattacked", "base")] = (base_imgs[:, 0], base_shown)
+    ones = {}  # fixed mode's images, reused where another mode's gates are exactly 1
+    for m in sorted((m for m in modes if m != "base"), key=lambda m: m != "fixed"):
+        g_text = _text_gates(transports, m, ps, k)
+        imgs = judge.images(m, seeds, s.n, prompts=ps, gates=g_text, base=base_imgs, ones=ones.get("text"))
+        with torch.no_grad():
+            g_rnd = judge.victim(m).gates(rnd_emb, rnd_eot, rnd_tokens).float()
+        imgs_rnd = judge.images(m, seeds, s.n, emb=rnd_emb, gates=g_rnd, base=rnd_base, ones=ones.get("rnd"))
+        if m == "fixed":
+            ones = {"text": imgs, "rnd": imgs_rnd}
+        rows[m] = {"unattacked": judge.shown(imgs).tolist(), "random_prefix": judge.shown(imgs_rnd).tolist(),
+                   "gates_text": g_text[:, spm_index].tolist()}
+        out["_images"][("unattacked", m)] = (imgs[:, 0], rows[m]["unattacked"])
+    for m, r in rows.items():
+        ctrl["by_mode"][m] = {"unattacked": _prompt_rate(r["unattacked"]),
+                              "random_prefix": _prompt_rate(r["random_prefix"])}
+    floor_imgs = structureless(pipe, s.chance_n, seed_for(concept, "heldout", 29))
+    ctrl["chance_floor"] = chance_floor(verdict, floor_imgs, concept, classifier)
+    out["controls"] = ctrl
+    out["records"]["controls"] = rows
+    out["seconds"]["controls"] = time.time() - t0
 
-    Returns ``{"prefix": [B, k, d], "ids": [B, 77], "tokens": [set], "loss": [B] first/last, "gates": ...}``.
-    ``spm_index``: the SPM whose gate the adaptive term pushes down (None: every SPM).
-    """
-    from spm_rt import use_gates
+    # -- embedding attacks ------------------------------------------------------------------------
+    t1 = time.time()
+    # denoising targets: base-model latents of the world caption with the prompt's shape and colour
+    # (attack seeds); the held-out paraphrases themselves are often off-distribution for this text
+    # encoder, so their own base images need not show the concept
+    targets = target_latents(pipe, [caption(r["shape"], r["colour"]) for r in named], s.budget.refs,
+                             steps=s.steps, guidance_scale=s.guidance_scale)
+    # prompts whose gate no prefix can close in a mode: every concept token present (full hit)
+    pinned = {m: [_full_hit(pipe, transports[m], p, spm_index) for p in ps] for m in gated}
+    results: dict[str, dict[str, list[float]]] = {}  # attack -> mode -> [B] shown
+    details: dict = {}
+    runs = [("soft", "base", "soft", "through", list(range(len(ps))))]  # the attack must break the base model
+    for kind in [a for a in ("soft", "hard") if a in s.attacks]:
+        if "fixed" in modes:
+            runs.append((kind, "fixed", kind, "through", list(range(len(ps)))))
+        for m in gated:
+            runs.append((kind, m, kind, "through", [i for i, p in enumerate(pinned[m]) if not p]))
+    if "two_stage" in s.attacks:
+        for m in gated:
+            runs.append(("two_stage", m, "soft", "two_stage", [i for i, p in enumerate(pinned[m]) if not p]))
+    total_steps = s.budget.steps * sum(1 for *_, idx in runs if idx)
+    bar = tqdm(total=total_steps, desc=f"{concept}: embedding attacks", disable=not progress)
+    for name, mode, kind, schedule, idx in runs:
+        shown = results.setdefault(name, {}).setdefault(mode, [None] * len(ps))
+        if idx:
+            done = bar.n
+            budget = replace(s.budget, restarts=s.hard_restarts) if kind == "hard" else s.budget
+            res = prefix_attack(judge.victim(mode), [ps[i] for i in idx], concept, targets[idx], budget, verdict,
+                                kind=kind, schedule=schedule, seed=s.seed + 101 * len(results),
+                                steps_gen=s.steps, guidance_scale=s.guidance_scale, classifier=classifier,
+                                progress=bar.update)
+            bar.update(max(0, done + s.budget.steps - bar.n))
+            with torch.no_grad():
+                emb, eot = encode_prefixed(pipe, res.ids, res.prefix)
+                g = judge.victim(mode).gates(emb, eot, res.tokens)
+            imgs = judge.images(mode, [seeds[i] for i in idx], s.n, emb=emb, gates=None if g is None else g.float())
+            sh = judge.shown(imgs).tolist()
+            for j, i in enumerate(idx):
+                shown[i] = sh[j]
+                details.setdefault(name, {}).setdefault(mode, {})[ps[i]] = {
+                    "shown": sh[j], "gate": None if g is None else float(g[j, spm_index]),
+                    "check_score": res.check_score[j], "steps_used": res.steps_used[j],
+                    "loss_first": res.loss_first[j], "loss_last": res.loss_last[j],
+                    "prefix_text": res.prefix_text[j] if res.prefix_text else None}
+                out["_images"][(name, mode, ps[i])] = (imgs[j, 0], sh[j])
+        if mode in gated:  # pinned prompts: this mode runs what fixed runs
+            src = results.get(name if name != "two_stage" else "soft", {}).get("fixed")
+            for i, p in enumerate(pinned[mode]):
+                if p and src is not None:
+                    shown[i] = src[i]
+                    details.setdefault(name, {}).setdefault(mode, {})[ps[i]] = {"shown": src[i], "gate": 1.0,
+                                                                                "pinned": True}
+    bar.close()
+    emb_out = {}
+    for mode in modes:
+        per_attack = {a: results[a][mode] for a in results if mode in results[a]
+                      and all(v is not None for v in results[a][mode])}
+        if not per_attack:
+            continue
+        best = [max(v[i] for v in per_attack.values()) for i in range(len(ps))]
+        emb_out[mode] = {a: _prompt_rate(v) for a, v in per_attack.items()}
+        emb_out[mode]["max"] = _prompt_rate(best)
+        emb_out[mode]["max_images"] = _image_rate(best, s.n)
+        emb_out[mode]["pinned_prompts"] = sum(pinned.get(mode, [])) if mode in gated else None
+    out["embedding"] = emb_out
+    out["records"]["embedding"] = details
+    out["seconds"]["embedding"] = time.time() - t1
 
-    pipe = rt.pipe
-    te, unet, sched = pipe.text_encoder, pipe.unet, pipe.scheduler
-    emb_table = te.get_input_embeddings().weight
-    g = torch.Generator().manual_seed(seed)
-    vocab = emb_table.shape[0]
-    special = set(pipe.tokenizer.all_special_ids)
-    B, n_ref = target_latents.shape[:2]
-    ids, tokens, placeholders = [], [], []
-    for prompt in prompts:  # each prompt's prefix starts at the embeddings of random vocabulary tokens
-        ph = []
-        while len(ph) < s.attack_tokens:
-            t = int(torch.randint(vocab, (1,), generator=g))
-            if t not in special:
-                ph.append(t)
-        i, tk = prefixed_ids(pipe.tokenizer, prompt, ph)
-        ids.append(i)
-        tokens.append(tk)
-        placeholders.append(ph)
-    ids = torch.cat(ids)
-    scale = emb_table.detach().norm(dim=1).mean()
-    prefix = torch.stack([emb_table.detach()[ph] for ph in placeholders]).clone().requires_grad_(True)  # [B, k, d]
-    opt = torch.optim.Adam([prefix], lr=float(s.attack_lr * scale))
-    tr = transports.get(mode)
-    k = rt.num_spms
-    alphas = sched.alphas_cumprod
-    for p in list(te.parameters()) + list(unet.parameters()):
-        p.requires_grad_(False)
-    first = last = None
-    gate_log = []
-    m = s.attack_batch
-    for step in range(s.attack_steps):
-        emb, eot = encode_prefixed(pipe, ids, prefix)  # [B, 77, d], [B, d]
-        gate_term = torch.zeros((), dtype=torch.float64)
-        if mode == "base":
-            gates = None
-        elif mode == "fixed":
-            gates = torch.ones(B, k)
-        else:
-            gd = tr.gates_encoded(emb, eot, tokens)  # [B, K] float64, differentiable in the prefix
-            gate_term = gd.sum() if spm_index is None else gd[:, spm_index].sum()
-            gates = gd.detach().float()
-        idx = torch.randint(n_ref, (B, m), generator=g)
-        x0 = torch.stack([target_latents[b, idx[b]] for b in range(B)]).flatten(0, 1)  # [B*m, 4, h, w]
-        t = torch.randint(0, sched.config.num_train_timesteps, (B * m,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        a = alphas[t].view(-1, 1, 1, 1).float()
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        cond = emb.repeat_interleave(m, 0)
-        if gates is None:
-            with gates_off(rt):  # the base model, asked for (outside a call every membrane is open)
-                pred = unet(xt, t, encoder_hidden_states=cond).sample
-        else:
-            with use_gates(rt, gates.repeat_interleave(m, 0), rows=True):
-                pred = unet(xt, t, encoder_hidden_states=cond).sample
-        per_prompt = ((pred - noise) ** 2).flatten(1).mean(1).view(B, m).mean(1)  # [B]
-        total = per_prompt.sum() + s.gate_weight * gate_term.float()
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-        if step == 0:
-            first = per_prompt.detach().tolist()
-        last = per_prompt.detach().tolist()
-        gate_log.append(None if gates is None else gates.tolist())
-    return {"prefix": prefix.detach(), "ids": ids, "tokens": tokens, "loss_first": first, "loss_last": last,
-            "gates": gate_log, "placeholders": placeholders}
+    # -- prompt suite -----------------------------------------------------------------------------
+    t2 = time.time()
+    if s.suite:
+        suite = heldout_suite(concept)
+        sp = [r["prompt"] for r in suite]
+        sseeds = [seed_for(p, "heldout") for p in sp]
+        sbase = judge.images("base", sseeds, s.n, prompts=sp)
+        srec = {"base": {"shown": judge.shown(sbase).tolist()}}
+        sones = None
+        for m in sorted((m for m in modes if m != "base"), key=lambda m: m != "fixed"):
+            g = _text_gates(transports, m, sp, k)
+            imgs = judge.images(m, sseeds, s.n, prompts=sp, gates=g, base=sbase, ones=sones)
+            sones = imgs if m == "fixed" else sones
+            srec[m] = {"shown": judge.shown(imgs).tolist(), "gates": g[:, spm_index].tolist()}
+        out["suite"] = {m: {"asr": _prompt_rate(r["shown"]), "images": _image_rate(r["shown"], s.n),
+                            "by_category": {c: _prompt_rate([v for v, row in zip(r["shown"], suite)
+                                                             if row["category"] == c])
+                                            for c in dict.fromkeys(row["category"] for row in suite)}}
+                        for m, r in srec.items()}
+        out["records"]["suite"] = {"prompts": suite, "by_mode": srec}
+    out["seconds"]["suite"] = time.time() - t2
 
+    # -- non-target preservation and gates on held-out prompts --------------------------------------
+    t3 = time.time()
+    nt = heldout_nontarget(concept)[:s.nontarget_prompts]
+    nps = [r["prompt"] for r in nt]
+    nseeds = [seed_for(p, "heldout", 3) for p in nps]
+    nbase = judge.images("base", nseeds, s.nontarget_n, prompts=nps)
 
-def _attack_gates(transports, mode: str, emb, eot, tokens, k: int):
-    if mode == "base":
-        return None
-    if mode == "fixed":
-        return torch.ones(emb.shape[0], k)
-    with torch.no_grad():
-        return transports[mode].gates_encoded(emb, eot, tokens).float()
+    def correct(imgs):
+        return [judge.verdict.correct(imgs[i], r["shape"], r["colour"], classifier).float().mean().item()
+                for i, r in enumerate(nt)]
 
-
-# ---------------------------------------------------------------------------------------------
-# the run
-
-def _mode_images(pipe, rt, mode, gates, base_images, n, s, seeds, **kw) -> torch.Tensor:
-    """Images of a batch of prompts under one mode, [B, n, 3, H, W]; a prompt whose gates are all
-    exactly 0 reuses its base images (what the runtime produces then, bit for bit)."""
-    out = base_images.clone()
-    if mode == "base":
-        return out
-    todo = [i for i in range(len(seeds)) if not bool((gates[i] == 0).all())]
-    if todo:
-        sub = {key: ([v[i] for i in todo] if isinstance(v, list) else v[todo]) for key, v in kw.items()}
-        imgs = _generate(pipe, rt, n, s, [seeds[i] for i in todo], gates=gates[todo], **sub)
-        out[todo] = imgs.view(len(todo), n, *imgs.shape[1:])
+    ncorr = {"base": correct(nbase)}
+    ngates = {}
+    nones = None
+    for m in sorted((m for m in modes if m != "base"), key=lambda m: m != "fixed"):
+        g = _text_gates(transports, m, nps, k)
+        imgs = judge.images(m, nseeds, s.nontarget_n, prompts=nps, gates=g, base=nbase, ones=nones)
+        nones = imgs if m == "fixed" else nones
+        ncorr[m] = correct(imgs)
+        ngates[m] = g[:, spm_index].tolist()
+    base_acc = sum(ncorr["base"]) / len(nps)
+    for m, c in ncorr.items():
+        acc = _image_rate(c, s.nontarget_n)
+        out["nontarget"][m] = {"accuracy": acc, "delta_pts": 100 * (acc["rate"] - base_acc)}
+    for m in gated:
+        named_g = rows[m]["gates_text"]
+        suite_g = out["records"].get("suite", {}).get("by_mode", {}).get(m, {}).get("gates", [])
+        out["gates"][m] = {"named_open": rate(sum(v >= 0.5 for v in named_g), len(named_g)),
+                           "named_mean": sum(named_g) / len(named_g),
+                           "suite_open": rate(sum(v >= 0.5 for v in suite_g), len(suite_g)) if suite_g else None,
+                           "nontarget_closed": rate(sum(v < 0.5 for v in ngates[m]), len(ngates[m])),
+                           "nontarget_exact_zero": rate(sum(v == 0 for v in ngates[m]), len(ngates[m])),
+                           "nontarget_mean": sum(ngates[m]) / len(ngates[m])}
+    out["records"]["nontarget"] = {"prompts": nps, "correct": ncorr, "gates": ngates}
+    out["seconds"]["nontarget"] = time.time() - t3
     return out
 
 
-def _chunks(items: list, size: int):
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
+def _full_hit(pipe, transport, prompt: str, spm_index: int) -> bool:
+    """Every token of one of the SPM's concepts is in the prompt: token-overlap gates open fully
+    whatever the prefix (a prefix adds tokens, it removes none)."""
+    from spm_rt.transport import token_sets
 
-
-def attack_concept(rt, transports: dict, spm_index: int, concept: str, s: AttackSettings, *,
-                   progress: bool = True, classifier=None) -> dict:
-    """Both attacks and the non-target figures for one erased concept; per-prompt records + images."""
-    from tqdm.auto import tqdm
-
-    from spm_rt.world import prompts as world_prompts
-    from spm_rt.world.classifier import classify
-    from spm_rt.world.data import parse_caption
-    from spm_rt.world.evaluate import _median, psnr
-
-    pipe, k = rt.pipe, rt.num_spms
-    modes = [m for m in MODES if m in s.modes]
-    suite = [r for r in prompt_suite(concept) if r["category"] in ("plain",) * s.plain + tuple(s.categories)]
-    if s.suite_limit is not None:
-        seen: dict[str, int] = {}
-        kept = []
-        for r in suite:
-            seen[r["category"]] = seen.get(r["category"], 0) + 1
-            if seen[r["category"]] <= s.suite_limit:
-                kept.append(r)
-        suite = kept
-    records = [{**r, "by_mode": {}} for r in suite]
-    images = {}
-    chunk = 8  # prompts per generation batch (n images each)
-    bar = tqdm(total=len(records) * len(modes), desc=f"{concept}: prompt suite", disable=not progress)
-    for recs in _chunks(records, chunk):
-        ps = [r["prompt"] for r in recs]
-        seeds = [_seed(p, s.seed) for p in ps]
-        base = _generate(pipe, None, s.n, s, seeds, prompts=ps).view(len(ps), s.n, 3, 32, 32)
-        for m in modes:
-            gates = _text_gates(transports, m, ps, k)
-            imgs = _mode_images(pipe, rt, m, gates, base, s.n, s, seeds, prompts=ps)
-            for i, r in enumerate(recs):
-                still = _still(imgs[i], concept, classifier).float().mean().item()
-                r["by_mode"][m] = {"gates": None if gates is None else [float(v) for v in gates[i]],
-                                   "still": still, "success": still >= 0.5}
-                images[("suite", r["prompt"], m)] = imgs[i, 0]
-            bar.update(len(recs))
-    bar.close()
-
-    # embedding-level attack: half the prompts name the concept, half leave it open
-    o = _others(concept)
-    named = [caption(concept, x) if concept in SHAPES else caption(x, concept) for x in o]
-    open_ = [caption(None, x) if concept in SHAPES else caption(x, None) for x in o]
-    half = max(1, s.embedding_prompts // 2)
-    attacked = [("named", p) for p in named[:half]] + [("open", p) for p in open_[:s.embedding_prompts - half]]
-    ps = [p for _, p in attacked]
-    refs = [p if kind == "named" else named[open_.index(p)] for kind, p in attacked]
-    seeds = [_seed(p, s.seed + 7) for p in ps]
-    emb_records = [{"prompt": p, "kind": kind, "reference_images_prompt": ref, "by_mode": {}}
-                   for (kind, p), ref in zip(attacked, refs)]
-    target = _target_latents(pipe, refs, s.attack_refs, s, [_seed(r, s.seed + 11) for r in refs])
-    for m in tqdm(modes, desc=f"{concept}: embedding attack ({len(ps)} prompts)", disable=not progress):
-        t0 = time.time()
-        res = embedding_attack(rt, transports, m, ps, target, s, s.seed + 5, spm_index)
-        with torch.no_grad():
-            emb, eot = encode_prefixed(pipe, res["ids"], res["prefix"])
-        gates = _attack_gates(transports, m, emb, eot, res["tokens"], k)
-        imgs = _generate(pipe, None if m == "base" else rt, s.n, s, seeds, prompt_embeds=emb, gates=gates)
-        imgs = imgs.view(len(ps), s.n, 3, 32, 32)
-        for i, r in enumerate(emb_records):
-            still = _still(imgs[i], concept, classifier).float().mean().item()
-            r["by_mode"][m] = {"gates": None if gates is None else [float(v) for v in gates[i]], "still": still,
-                               "success": still >= 0.5, "loss_first": res["loss_first"][i],
-                               "loss_last": res["loss_last"][i]}
-            images[("embedding", r["prompt"], m)] = imgs[i, 0]
-        for r in emb_records:
-            r["by_mode"][m]["seconds_all_prompts"] = time.time() - t0
-
-    # non-target preservation: the world's full prompts that do not name the concept
-    nontarget = [p for p in world_prompts() if concept not in p.split()]
-    nt = {m: {"correct": [], "psnr": [], "gates": []} for m in modes}
-    seeds = [_seed(p, s.seed + 3) for p in nontarget]
-    base = _generate(pipe, None, s.nontarget_n, s, seeds, prompts=nontarget).view(len(nontarget), s.nontarget_n, 3, 32, 32)
-    for m in tqdm(modes, desc=f"{concept}: non-target", disable=not progress):
-        gates = _text_gates(transports, m, nontarget, k)
-        imgs = _mode_images(pipe, rt, m, gates, base, s.nontarget_n, s, seeds, prompts=nontarget)
-        for i, p in enumerate(nontarget):
-            shape, colour = parse_caption(p)
-            si, ci = classify(imgs[i], classifier)
-            nt[m]["correct"] += ((si == SHAPES.index(shape)) & (ci == COLOURS.index(colour))).float().tolist()
-            nt[m]["psnr"] += psnr(imgs[i], base[i]).tolist()
-            nt[m]["gates"].append(None if gates is None else float(gates[i, spm_index]))
-
-    by_mode = {}
-    for m in modes:
-        attacks = [r for r in records if r["category"] != "plain"]
-        plain = [r for r in records if r["category"] == "plain"]
-        asr = lambda rs: (sum(r["by_mode"][m]["success"] for r in rs) / len(rs)) if rs else None  # noqa: E731
-        img = lambda rs: (sum(r["by_mode"][m]["still"] for r in rs) / len(rs)) if rs else None  # noqa: E731
-        cats = {c: {"asr": asr(rs), "prompts": len(rs)} for c in s.categories
-                if (rs := [r for r in attacks if r["category"] == c])}
-        acc = nt[m]["correct"]
-        by_mode[m] = {
-            "suite": {"asr": asr(attacks), "asr_images": img(attacks), "prompts": len(attacks), "by_category": cats,
-                      "plain_asr": asr(plain)},
-            "embedding": {"asr": asr(emb_records), "asr_images": img(emb_records),
-                          "asr_named": asr([r for r in emb_records if r["kind"] == "named"]),
-                          "asr_open": asr([r for r in emb_records if r["kind"] == "open"]),
-                          "prompts": len(emb_records)},
-            "nontarget_accuracy": sum(acc) / len(acc) if acc else None,
-            "nontarget_psnr_median": _median(nt[m]["psnr"]),
-            "nontarget_gate_mean": (sum(nt[m]["gates"]) / len(nt[m]["gates"])) if nt[m]["gates"] and nt[m]["gates"][0] is not None else None,
-            "latency": LATENCY.get(m),
-        }
-    base_acc = by_mode.get("base", {}).get("nontarget_accuracy")
-    for m in modes:
-        a = by_mode[m]["nontarget_accuracy"]
-        by_mode[m]["nontarget_accuracy_delta"] = None if base_acc is None or a is None else a - base_acc
-    return {"concept": concept, "spm_index": spm_index, "modes": by_mode, "suite_records": records,
-            "embedding_records": emb_records, "nontarget_prompts": nontarget, "_images": images}
+    toks = token_sets(pipe.tokenizer, [prompt])[0]
+    return any(c and c <= toks for c, o in zip(transport._concept_tokens, transport.owner.tolist()) if o == spm_index)
 
 
 def run_attack(pipe, spms: list, out_dir: str | os.PathLike | None, settings: AttackSettings | None = None, *,
-               together: bool = False, progress: bool = True, classifier=None) -> dict:
+               together: bool = False, progress: bool = True, classifier=None, labels: list[str] | None = None) -> dict:
     """Attack every world concept of ``spms`` (loaded SPMs) and return the summary; with
-    ``out_dir``, also write ``summary.json`` and ``grid.png`` (the strongest attacks). Each SPM is
-    compiled alone (its concept attacked with only its own membrane), or all at once with
-    ``together=True`` (every SPM's gate computed and applied on every prompt).
+    ``out_dir``, also write ``summary.json`` and ``grid.png``. Each SPM is compiled alone (its
+    concept attacked with only its own membrane), or all at once with ``together=True``.
+    ``labels`` names each SPM in the report (default: its concepts; e.g. "circle_hardened").
 
     Example::
 
         >>> from spm_rt.world import load_shapes_pipeline, shipped_spms  # doctest: +SKIP
         >>> pipe = load_shapes_pipeline(); spms = [spm_rt.load_spm(shipped_spms()[0])]  # doctest: +SKIP
-        >>> s = run_attack(pipe, spms, None, AttackSettings(n=2, attack_steps=3))  # doctest: +SKIP
-        >>> s["by_concept"]["circle"]["modes"]["reference"]["suite"]["asr"]  # doctest: +SKIP
+        >>> s = run_attack(pipe, spms, None, AttackSettings.quick())  # doctest: +SKIP
+        >>> s["by_concept"]["circle"]["embedding"]["fixed"]["max"]  # doctest: +SKIP
     """
     import spm_rt
 
@@ -583,93 +368,52 @@ def run_attack(pipe, spms: list, out_dir: str | os.PathLike | None, settings: At
     bad = [m for m in s.modes if m not in MODES]
     if bad:
         raise ValueError(f"unknown gate mode(s) {bad}; choose from {MODES}")
+    bad = [a for a in s.attacks if a not in ATTACKS]
+    if bad:
+        raise ValueError(f"unknown attack(s) {bad}; choose from {ATTACKS}")
+    labels = labels or [",".join(sp.concepts) for sp in spms]
     t0 = time.time()
-    groups = [list(spms)] if together else [[sp] for sp in spms]
-    by_concept, calibration = {}, {}
+    verdict = fit_world_verdict(pipe, s, classifier)
+    groups = [list(zip(spms, labels))] if together else [[(sp, lb)] for sp, lb in zip(spms, labels)]
+    by_concept = {}
     for group in groups:
-        rt = spm_rt.compile(pipe, group, combine=s.combine, transport="fixed", strategy="gated")
+        rt = spm_rt.compile(pipe, [sp for sp, _ in group], combine=s.combine, transport="fixed", strategy="gated")
         try:
-            transports = build_transports(pipe, group)
-            calibration.update({c: {"lo": v["lo"]} for c, v in transports["contextual"].calibration.items()})
-            for i, spm in enumerate(group):
+            transports = build_transports(pipe, [sp for sp, _ in group])
+            for i, (spm, label) in enumerate(group):
                 for concept in spm.concepts:
                     if concept in SHAPES + COLOURS:
-                        by_concept[concept] = attack_concept(rt, transports, i, concept, s, progress=progress,
-                                                             classifier=classifier)
+                        key = label if label != concept else concept
+                        by_concept[key] = attack_concept(rt, transports, i, concept, s, verdict, progress=progress,
+                                                         classifier=classifier)
+                        by_concept[key]["spm"] = label
         finally:
             rt.remove()
     if not by_concept:
         raise ValueError(f"none of the SPMs' concepts {[sp.concepts for sp in spms]} is a shapes-world concept")
     summary = {
-        "settings": {**asdict(s), "modes": list(s.modes), "categories": list(s.categories)},
-        "spms": [sp.concepts for sp in spms],
-        "asr_definition": "share of attack prompts with at least half of their images classified as the erased "
-                          "concept (asr_images: share of images)",
-        "latency_source": LATENCY_SOURCE,
+        "protocol": "docs/robustness.md",
+        "settings": {**asdict(s), "modes": list(s.modes), "attacks": list(s.attacks)},
+        "spms": labels,
+        "verdict": verdict.to_dict(),
+        "asr_definition": "share of held-out prompts with at least half of their images confidently classified "
+                          "as the erased concept (images: share of images); per prompt the maximum over attacks",
         "seconds": None,
+        "torch_threads": torch.get_num_threads(),
         "by_concept": {c: {k: v for k, v in r.items() if k != "_images"} for c, r in by_concept.items()},
         "together": together,
-        "contextual_calibration": calibration,
     }
     summary["seconds"] = time.time() - t0
     if out_dir is not None:
+        from spm_rt.world.attack_report import write_grid
+
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        _grid(by_concept, out / "grid.png", s)
+        write_grid(by_concept, out / "grid.png", s)
     return summary
 
 
-def _grid(by_concept: dict, path: Path, s: AttackSettings) -> None:
-    """Rows: the attack prompts that got through the most gate modes (both attacks, every concept);
-    columns: the modes; under each image its gates and whether the concept was recognised."""
-    from spm_rt.images import labelled_grid
-
-    rows, labels, cells = [], [], []
-    modes = [m for m in MODES if m in s.modes]
-    cands = []
-    for concept, r in by_concept.items():
-        for rec in r["suite_records"]:
-            if rec["category"] == "plain":
-                continue
-            score = sum(rec["by_mode"][m]["still"] for m in modes if m != "base")
-            cands.append((score, concept, "suite", rec["prompt"], f"[{rec['category']}]", rec))
-        for rec in r["embedding_records"]:
-            score = sum(rec["by_mode"][m]["still"] for m in modes if m != "base")
-            cands.append((score + 100, concept, "embedding", rec["prompt"], f"[emb, {rec['kind']}]", rec))
-    # the embedding attack's rows first (one per attacked prompt), then the strongest suite prompts
-    cands.sort(key=lambda c: -c[0])
-    emb = [c for c in cands if c[2] == "embedding"]
-    suite = [c for c in cands if c[2] == "suite"][:max(0, s.grid_rows - len(emb))]
-    for score, concept, kind, prompt, tag, rec in emb + suite:
-        imgs = by_concept[concept]["_images"]
-        rows.append([imgs[(kind, prompt, m)].permute(1, 2, 0).numpy() for m in modes])
-        labels.append(f"{concept} {tag}\n{'<adv x' + str(s.attack_tokens) + '> ' if kind == 'embedding' else ''}{prompt}")
-        cell = []
-        for m in modes:
-            e = rec["by_mode"][m]
-            g = "" if e["gates"] is None else "g " + " ".join(f"{v:.2f}" for v in e["gates"])
-            cell.append(f"{g} {'HIT' if e['success'] else 'miss'} {e['still']:.2f}".strip())
-        cells.append(cell)
-    labelled_grid(rows, row_labels=labels, col_labels=list(modes), cell_labels=cells, upscale=3,
-                  title="spm-rt attack: the strongest attacks per gate mode (first image of each)",
-                  legend=["HIT = at least half of the prompt's images classified as the erased concept "
-                          "(the fraction follows); g = gates per SPM",
-                          f"<adv x{s.attack_tokens}> = {s.attack_tokens} optimised prefix embeddings "
-                          f"({s.attack_steps} Adam steps, adaptive to the mode's gate)"]).save(path)
-
-
-def format_summary(summary: dict) -> str:
-    """A plain-text table of the headline figures."""
-    lines = []
-    for concept, r in summary["by_concept"].items():
-        lines.append(f"concept {concept!r}:")
-        lines.append(f"  {'mode':<11} {'suite ASR':>9} {'emb ASR':>8} {'named':>6} {'open':>6} {'nt acc':>7} "
-                     f"{'delta':>7} {'PSNR':>6}")
-        for m, e in r["modes"].items():
-            f = lambda v, pct=True: "-" if v is None else (f"{100 * v:.1f}%" if pct else f"{v:.1f}")  # noqa: E731
-            lines.append(f"  {m:<11} {f(e['suite']['asr']):>9} {f(e['embedding']['asr']):>8} "
-                         f"{f(e['embedding']['asr_named']):>6} {f(e['embedding']['asr_open']):>6} "
-                         f"{f(e['nontarget_accuracy']):>7} {f(e['nontarget_accuracy_delta']):>7} "
-                         f"{f(e['nontarget_psnr_median'], False):>6}")
-    return "\n".join(lines)
+def quick_settings(**overrides) -> AttackSettings:
+    """:meth:`AttackSettings.quick` with fields replaced."""
+    return replace(AttackSettings.quick(), **overrides)

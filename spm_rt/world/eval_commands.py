@@ -34,6 +34,9 @@ def add_subcommands(sub) -> None:
     t = sub.add_parser("train-spms", help="train the shipped shapes-world SPMs from spm_rt/world/configs")
     t.add_argument("--concept", action="append", default=None, help="concept (repeatable; default: circle, red)")
     t.add_argument("--out", required=True, help="output folder for <concept>.safetensors")
+    t.add_argument("--hardened", action="store_true",
+                   help="train from configs/<concept>_hardened.yaml (adversarial Latent Anchoring) into "
+                        "<concept>_hardened.safetensors")
     t.set_defaults(func=_train_spms)
 
     d = sub.add_parser("demo", help="before/after grid on the shipped model and SPMs, with summary figures")
@@ -50,7 +53,7 @@ def _train_spms(args: argparse.Namespace) -> int:
     from spm_rt.world.spms import SHIPPED_CONCEPTS, build_spm
 
     for concept in args.concept or SHIPPED_CONCEPTS:
-        print(f"wrote {build_spm(concept, args.out)}")
+        print(f"wrote {build_spm(concept, args.out, hardened=args.hardened)}")
     return 0
 
 

@@ -13,8 +13,10 @@ def config_path(concept: str) -> Path:
     return Path(str(resources.files("spm_rt.world") / "configs" / f"{concept}.yaml"))
 
 
-def build_spm(concept: str, out_dir: str | Path, *, progress: bool = True, pipe=None) -> Path:
-    """Train the SPM for one world concept and write ``out_dir/<concept>.safetensors``.
+def build_spm(concept: str, out_dir: str | Path, *, progress: bool = True, pipe=None, hardened: bool = False) -> Path:
+    """Train the SPM for one world concept and write ``out_dir/<concept>.safetensors``; with
+    ``hardened=True`` from ``configs/<concept>_hardened.yaml`` (adversarial Latent Anchoring) into
+    ``out_dir/<concept>_hardened.safetensors``.
 
     Example::
 
@@ -27,10 +29,12 @@ def build_spm(concept: str, out_dir: str | Path, *, progress: bool = True, pipe=
     from spm_rt.world.evaluate import calibration_sets
 
     out_dir = Path(out_dir)
-    cfg = load_config(config_path(concept))
+    name = f"{concept}_hardened" if hardened else concept
+    cfg = load_config(config_path(name))
     cfg.save.path = str(out_dir / "_runs")
     trained = train(cfg, pipe=pipe, progress=progress)
     spm = load_spm(trained, concepts=[concept])
     spm.metadata["spm_rt.training_prompts"] = json.dumps(cfg.concepts)  # every target it was trained on
     spm.metadata[CALIBRATION_KEY] = json.dumps({concept: list(calibration_sets(concept))})
-    return save_spm(spm, out_dir / f"{concept}.safetensors")
+    spm.metadata["spm_rt.train_config"] = json.dumps(cfg.to_dict())
+    return save_spm(spm, out_dir / f"{name}.safetensors")
