@@ -152,3 +152,18 @@ def test_batched_generation_bit_identical_to_rt_alone():
     gates = out["gates"]
     assert gates[0] == out["ft"]  # Facilitated Transport, computed in the batch, as rt alone computes it
     assert gates[1] == [0.0, 0.0] and gates[3][0] == 1.0 and gates[4] == [0.5, 0.9]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-batch", "0"], "--max-batch 0"),
+    (["--spm", "missing.safetensors"], "--spm missing.safetensors: no such file"),
+    (["--policy", "missing.yaml"], "--policy missing.yaml: no such file"),
+    (["--model", "no/such/dir"], "--model"),
+])
+def test_serve_cli_user_errors_before_ray_starts(argv, message, capsys):
+    from spm_rt.cli import main
+    from spm_rt.world import shipped_spms
+
+    spm = [] if "--spm" in argv else ["--spm", str(shipped_spms()[1])]
+    assert main(["serve", *spm, *argv]) == 2
+    assert message in capsys.readouterr().err
