@@ -114,6 +114,24 @@ def test_group_jobs_by_params_and_cap():
     assert len(groups) == 3  # 6 jobs of a in 4 + 2, 4 jobs of b in one call
 
 
+def test_a_failing_group_does_not_fail_the_others(monkeypatch):
+    from spm_rt.serve.engine import Engine, Failure
+
+    engine = Engine(rt=None)
+    good, bad = Params(20, 4.0, 32, 32), Params(13, 4.0, 32, 32)
+
+    def generate(jobs, params):
+        if params == bad:
+            raise ValueError("boom")
+        return [f"image of {j.prompt}" for j in jobs]
+
+    monkeypatch.setattr(engine, "_generate", generate)
+    monkeypatch.setattr(engine, "max_images_per_call", lambda params: None)
+    out = engine.run([Job("a", 0, good), Job("b", 0, bad), Job("c", 0, good)])
+    assert out[0] == "image of a" and out[2] == "image of c"
+    assert isinstance(out[1], Failure) and "boom" in out[1].message
+
+
 _IDENTITY = textwrap.dedent("""
     import json, sys, torch
     from spm_rt.serve.engine import Engine, Job, Params

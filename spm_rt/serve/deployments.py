@@ -13,13 +13,17 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from spm_rt.serve.api import APIError, Limits, parse_generate
-from spm_rt.serve.engine import Engine, Job
+from spm_rt.serve.engine import Engine, Failure, Job
 from spm_rt.serve.policy import KeyRejected, Policy
 
 MODEL_NAME = "SPMModel"
 INGRESS_NAME = "SPMIngress"
 
 web = FastAPI(title="spm_rt", description="Stable Diffusion with SPM concept erasure, per-request gates")
+
+
+class GenerationFailed(RuntimeError):
+    """The UNet call of this request's group raised (answered 500 with the message)."""
 
 
 @serve.deployment(name=MODEL_NAME)
@@ -34,7 +38,10 @@ class SPMModel:
         self.generate_batch.set_batch_wait_timeout_s(float(batch_wait_ms) / 1000.0)
 
     async def generate(self, job: Job):
-        return await self.generate_batch(job)
+        result = await self.generate_batch(job)
+        if isinstance(result, Failure):
+            raise GenerationFailed(result.message)
+        return result
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def generate_batch(self, jobs: list[Job]):
@@ -134,8 +141,11 @@ class SPMIngress:
                                              timeout=self.limits.request_timeout_s)
         except asyncio.TimeoutError:
             return _error(504, "model", f"no result within {self.limits.request_timeout_s:g} s")
-        except Exception as exc:  # noqa: BLE001 - a died/restarting replica: an explicit, retryable 5xx
-            return _error(503, "model", f"generation failed ({type(exc).__name__}); the request may be retried")
+        except Exception as exc:  # noqa: BLE001 - every failure is an explicit 5xx, never a hang
+            if isinstance(exc, GenerationFailed):
+                return _error(500, "model", f"generation failed: {exc}")
+            # a replica that died or is restarting: retryable
+            return _error(503, "model", f"model replica failed ({type(exc).__name__}); the request may be retried")
         names = [",".join(c or ["?"]) for c in self.concepts]
         images = []
         for spec, job, r in zip(specs, jobs, results):

@@ -76,6 +76,13 @@ class Result:
     calls: int  # the replica's rt-call counter after this call (tests count calls with it)
 
 
+@dataclass
+class Failure:
+    """A job whose UNet call raised (the message says why); the other calls of its batch ran."""
+
+    message: str
+
+
 def resolve_gates(ft: "np.ndarray | None", job: Job, k: int) -> list[float]:
     """The gates a job runs under: its own ``gates`` (or Facilitated Transport's ``ft``), then
     ``erase`` sets named SPMs to 1, then the floor raises each gate to at least the operator's
@@ -156,16 +163,21 @@ class Engine:
         rows_per_image = 2 if params.guidance > 1.0 else 1  # diffusers doubles rows for CFG
         return max(1, ONE_THREAD_MAX_ROWS // rows_per_image)
 
-    def run(self, jobs: list[Job], max_images: int | None = None) -> list[Result]:
+    def run(self, jobs: list[Job], max_images: int | None = None) -> list["Result | Failure"]:
         """Generate every job; returns results in job order. Jobs with equal :class:`Params` share
-        one gated call (cut at ``max_images`` and at :meth:`max_images_per_call`)."""
+        one gated call (cut at ``max_images`` and at :meth:`max_images_per_call`); a call that
+        raises gives its own jobs a :class:`Failure` and leaves the other calls alone."""
         def cap(params):
             caps = [c for c in (max_images, self.max_images_per_call(params)) if c]
             return min(caps) if caps else None
 
-        results: list[Result | None] = [None] * len(jobs)
+        results: list[Result | Failure | None] = [None] * len(jobs)
         for chunk in group_jobs(jobs, cap):
-            for i, r in zip(chunk, self._generate([jobs[i] for i in chunk], jobs[chunk[0]].params)):
+            try:
+                out = self._generate([jobs[i] for i in chunk], jobs[chunk[0]].params)
+            except Exception as exc:  # noqa: BLE001 - one group's failure is not the other groups' failure
+                out = [Failure(f"{type(exc).__name__}: {exc}")] * len(chunk)
+            for i, r in zip(chunk, out):
                 results[i] = r
         return results  # type: ignore[return-value]
 
