@@ -57,13 +57,16 @@ def _serve(args: argparse.Namespace) -> int:
         raise CLIError(f"--batch-wait-ms {args.batch_wait_ms}: must be >= 0")
     files = args.spm or []
     spms = load_spm_files(files, parse_concepts(args.concepts, len(files)))  # bad files fail before Ray starts
-    if args.model not in ("shapes", "tiny", "tiny-sd2", "tiny-sdxl") and not os.path.isdir(args.model):
-        raise CLIError(f"--model {args.model!r}: neither shapes | tiny nor a local diffusers folder")
+    model = args.model
+    if model not in ("shapes", "tiny", "tiny-sd2", "tiny-sdxl"):
+        if not os.path.isdir(model):
+            raise CLIError(f"--model {model!r}: neither shapes | tiny nor a local diffusers folder")
+        model = os.path.abspath(model)  # replicas resolve it, in their own working directory
     from spm_rt.serve import app
     from spm_rt.serve.policy import PolicyError
 
     try:
-        application = app(args.model, spms, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+        application = app(model, spms, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                           policy=args.policy, replicas=args.replicas, threads=args.threads, num_cpus=args.num_cpus,
                           num_gpus=args.num_gpus)
     except PolicyError as exc:
