@@ -90,7 +90,9 @@ def _serve(args: argparse.Namespace) -> int:
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         print(f"serving on http://{host}:{args.port} (POST /v1/generate, GET /v1/concepts, GET /healthz); "
               "Ctrl-C stops", flush=True)
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        # Ctrl-C and SIGTERM end the loop (SIGINT too where a launcher started us with it ignored)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         while not stop.wait(0.5):
             pass
     except KeyboardInterrupt:
