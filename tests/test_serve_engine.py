@@ -138,7 +138,7 @@ _IDENTITY = textwrap.dedent("""
     from spm_rt.world import shipped_spms
     torch.set_num_threads(1)
     engine = Engine.load("shapes", shipped_spms(), threads=1)
-    p, q = Params(4, 4.0, 32, 32), Params(3, 4.0, 32, 32)
+    p, q = Params(2, 4.0, 32, 32), Params(3, 4.0, 32, 32)
     prompts = ["a red circle", "a blue square", "a green triangle", "a red square", "a yellow circle"]
     jobs = [Job(prompts[0], 11, p), Job(prompts[1], 12, p, gates=[0.0, 0.0]), Job(prompts[2], 13, q),
             Job(prompts[3], 14, p, erase=(0,)), Job(prompts[4], 15, p, gates=[0.3, 0.9], floor=[0.5, 0.0])]

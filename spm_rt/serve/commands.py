@@ -57,10 +57,13 @@ def _serve(args: argparse.Namespace) -> int:
         raise CLIError(f"--batch-wait-ms {args.batch_wait_ms}: must be >= 0")
     files = args.spm or []
     spms = load_spm_files(files, parse_concepts(args.concepts, len(files)))  # bad files fail before Ray starts
-    model = args.model
-    if model not in ("shapes", "tiny", "tiny-sd2", "tiny-sdxl"):
+    from spm_rt.cli_common import _ALIASES
+    from spm_rt.models import EMBEDDED
+
+    model = _ALIASES.get(args.model, args.model)  # the same model names as every other command
+    if model not in EMBEDDED:
         if not os.path.isdir(model):
-            raise CLIError(f"--model {model!r}: neither shapes | tiny nor a local diffusers folder")
+            raise CLIError(f"--model {args.model!r}: neither one of {', '.join(EMBEDDED)} nor a local diffusers folder")
         model = os.path.abspath(model)  # replicas resolve it, in their own working directory
     from spm_rt.serve import app
     from spm_rt.serve.policy import PolicyError
