@@ -31,6 +31,7 @@ _COMMAND_MODULES = (
     "spm_rt.world.attack_commands",  # attack
     "spm_rt.export.commands",  # export onnx/engine/refit
     "spm_rt.bench_commands",  # bench report
+    "spm_rt.serve.commands",  # serve
 )
 
 
