@@ -492,11 +492,11 @@ class forced_config:  # noqa: N801 (a context manager used like a function)
             f" n_per_prog<={npp}" if npp else "")
 
 
-def _fwd_config(m_rows: int, n: int, dtype: torch.dtype) -> FwdConfig:
-    """FWD_TABLE's tiling for (rows per launch, out per group, dtype), or the forced one."""
+def _fwd_config(m_rows: int, n: int, dtype: torch.dtype, arch: int = tiles.DEFAULT_ARCH) -> FwdConfig:
+    """The table's tiling for (rows per launch, out per group, dtype, arch), or the forced one."""
     if _FORCED_CONFIG:
         return _FORCED_CONFIG[-1][0]
-    return tiles.fwd_config(m_rows, n, _dtype_name(dtype))
+    return tiles.fwd_config(m_rows, n, _dtype_name(dtype), arch)
 
 
 def _fwd_tiles(m_rows: int, n: int, in_f: int, dtype: torch.dtype):
@@ -542,13 +542,14 @@ def _check_row_blocks(m_tiles: int, m_rows: int, block_m: int) -> None:
 
 def forward_plan(m_rows, in_f, n, kr, groups, dtype, rows_per_sample, *, sample_tiles=False, num_samples=None,
                  fused=None, device=None) -> tiles.ForwardPlan:
-    """tiles.plan_forward with this launcher's overrides (forced_config) and the SM count of
-    ``device``: the plan _launch_forward runs (tests compare it with the native library's)."""
+    """tiles.plan_forward with this launcher's overrides (forced_config) and the architecture and
+    SM count of ``device``: the plan _launch_forward runs (tests compare it with the native
+    library's)."""
     forced = _FORCED_CONFIG[-1] if _FORCED_CONFIG else (None, None)
     return tiles.plan_forward(m_rows, in_f, n, kr=kr, groups=groups, dtype=_dtype_name(dtype),
                               rows_per_sample=rows_per_sample, sample_tiles=sample_tiles, num_samples=num_samples,
-                              fused=fused, sm_count=tiles.device_sm_count(device), config=forced[0],
-                              forced_n_per_prog=forced[1])
+                              fused=fused, sm_count=tiles.device_sm_count(device), arch=tiles.device_arch(device),
+                              config=forced[0], forced_n_per_prog=forced[1])
 
 
 def _launch_forward(x, x_strides, m_rows, rows_per_sample, sample_tiles, weight, bias, down, up, scale, gates,

@@ -1,8 +1,8 @@
 """The forward's tile table and launch plan: the one place both kernel paths take their tiles from.
 
 ``kernels/gated_linear.py`` (the Triton JIT launcher) calls ``plan_forward`` for every forward
-launch; ``native/aot.py`` compiles libspm_kernels' cubins for the configurations of ``FWD_TABLE``
-and writes the same table (and the constants below) into the C picker's generated header, so the
+launch; ``native/aot.py`` compiles libspm_kernels' cubins for the configurations of the tables
+(``FWD_TABLE`` from sm_90 on, ``FWD_TABLE_SM80`` below) and writes the same tables (and the constants below) into the C picker's generated header, so the
 native library picks the kernel the JIT launcher would (tests/test_native.py checks it for every
 shape of the GPU check). This module imports only the standard library (torch lazily, for the
 SM count of a device).
@@ -63,11 +63,20 @@ FWD_CANDIDATES = (CFG_128x64, CFG_64x64, CFG_128x128, CFG_128x256)
 #   the loop would cut the grid from 640 programs to 128 (one 4-warp CTA per SM);
 # * out > 640 at M >= 2048 (attention at 1280, ff GEGLU in 2560..10240 wide): 128x128, 8 warps
 #   (compute-bound), looping over N tiles while the grid stays at one program per SM or more.
-FWD_TABLE = (  # (min rows, max out per group, config)
+FWD_TABLE = (  # (min rows, max out per group, config): sm_90 (Hopper, wgmma) and newer
     (2048, 640, CFG_64x64),
     (2048, 1 << 30, CFG_128x128),
     (0, 1 << 30, CFG_64x64),
 )
+# sm_80 / sm_86 / sm_89 (mma.sync: the accumulators live in the issuing warps' registers): compiled
+# for sm_80, the 128x128 8-warp tile spilled 24-120 B at every BLOCK_R, and the 64x64 tile fused at
+# BLOCK_R 64 spilled 8 B (official, bias); 64x64 fused up to K*r 32 did not. So: 64x64 everywhere,
+# split above K*r 32.
+CFG_64x64_SM80 = CFG_64x64._replace(fused_max_rank=32)
+FWD_TABLE_SM80 = (
+    (0, 1 << 30, CFG_64x64_SM80),
+)
+DEFAULT_ARCH = 90  # planning without a device (CPU): the Hopper table
 # Programs per SM a looping launch keeps at least (one 4- or 8-warp CTA per SM: the grid fills the
 # device once); the SM count comes from the device (device_sm_count), DEFAULT_SM_COUNT without one.
 PROGRAMS_PER_SM = 1
@@ -115,11 +124,16 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def fwd_config(rows: int, n: int, dtype: str) -> FwdConfig:
-    """FWD_TABLE's tiling for (rows per launch, out per group, "fp16"/"bf16"/"fp32")."""
+def table_for(arch: int) -> tuple:
+    """The 16-bit table of a compute capability (x 10): FWD_TABLE from sm_90 on, else FWD_TABLE_SM80."""
+    return FWD_TABLE if arch >= 90 else FWD_TABLE_SM80
+
+
+def fwd_config(rows: int, n: int, dtype: str, arch: int = DEFAULT_ARCH) -> FwdConfig:
+    """The table's tiling for (rows per launch, out per group, "fp16"/"bf16"/"fp32", arch)."""
     if dtype == "fp32":
         return CFG_FP32
-    return next(cfg for min_rows, max_out, cfg in FWD_TABLE if rows >= min_rows and n <= max_out)
+    return next(cfg for min_rows, max_out, cfg in table_for(arch) if rows >= min_rows and n <= max_out)
 
 
 def fused_for(kr: int, cfg: FwdConfig) -> bool:
@@ -134,6 +148,40 @@ def _cuda_sm_count(index: int) -> int:
     return int(torch.cuda.get_device_properties(index).multi_processor_count)
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(index: int) -> int:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(index)
+    return major * 10 + minor
+
+
+def _cuda_index(device):
+    import torch
+
+    dev = torch.device(device) if device is not None else None
+    if (dev is None or dev.type == "cuda") and torch.cuda.is_available():
+        return dev.index if dev is not None and dev.index is not None else torch.cuda.current_device()
+    return None
+
+
+def device_arch(device=None) -> int:
+    """Compute capability x 10 of a CUDA device, DEFAULT_ARCH (90) without one.
+
+    Example::
+
+        >>> device_arch("cpu")
+        90
+    """
+    try:
+        index = _cuda_index(device)
+        if index is not None:
+            return _cuda_arch(index)
+    except (ImportError, RuntimeError, AssertionError):
+        pass
+    return DEFAULT_ARCH
+
+
 def device_sm_count(device=None) -> int:
     """SMs of a CUDA device (torch.cuda.get_device_properties), DEFAULT_SM_COUNT without one.
 
@@ -143,11 +191,8 @@ def device_sm_count(device=None) -> int:
         132
     """
     try:
-        import torch
-
-        dev = torch.device(device) if device is not None else None
-        if (dev is None or dev.type == "cuda") and torch.cuda.is_available():
-            index = dev.index if dev is not None and dev.index is not None else torch.cuda.current_device()
+        index = _cuda_index(device)
+        if index is not None:
             return _cuda_sm_count(index)
     except (ImportError, RuntimeError, AssertionError):
         pass
@@ -212,7 +257,7 @@ def plan_shrink(m_rows: int, kred: int, kr: int, groups: int, dtype: str, *, row
 
 def plan_forward(m_rows: int, in_f: int, n: int, *, kr: int, groups: int, dtype: str, rows_per_sample: int,
                  sample_tiles: bool = False, num_samples: int | None = None, fused: bool | None = None,
-                 sm_count: int | None = None, config: FwdConfig | None = None,
+                 sm_count: int | None = None, arch: int = DEFAULT_ARCH, config: FwdConfig | None = None,
                  forced_n_per_prog: int | None = None) -> ForwardPlan:
     """Tiles, pattern, N tiles per program and grid of one forward (the JIT launcher's and the
     native library's rule).
@@ -220,13 +265,14 @@ def plan_forward(m_rows: int, in_f: int, n: int, *, kr: int, groups: int, dtype:
     m_rows: rows of the launch; n: outputs per group; kr: K*r per group; fused: None = "auto"
     (the config's fused_max_rank decides); sample_tiles: NCHW 1x1 conv (rows tiled per image, the
     table looked up with the rows of one image); sm_count: the device's SMs (DEFAULT_SM_COUNT when
-    None); config / forced_n_per_prog: overrides (``gated_linear.forced_config``).
+    None); arch: its compute capability x 10 (the table, table_for); config / forced_n_per_prog:
+    overrides (``gated_linear.forced_config``).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     num_samples = num_samples if num_samples is not None else max(1, m_rows // max(1, rows_per_sample))
     table_rows = rows_per_sample if sample_tiles else m_rows
-    cfg = config if config is not None else fwd_config(table_rows, n, dtype)
+    cfg = config if config is not None else fwd_config(table_rows, n, dtype, arch)
     if fused is None:
         fused = fused_for(kr, cfg)
     # tiles never larger than the (power-of-two rounded) problem, and at least 16 for tl.dot

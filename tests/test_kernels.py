@@ -447,6 +447,15 @@ def test_device_sm_count_without_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert T.device_sm_count() == T.DEFAULT_SM_COUNT == 132
     assert T.device_sm_count("cpu") == 132
+    assert T.device_arch() == T.DEFAULT_ARCH == 90
+
+
+def test_ampere_table_has_no_128x128_and_fuses_up_to_32():
+    """sm_8x: the 128x128 tile and the 64x64 fused at BLOCK_R 64 spilled there (compile check)."""
+    p = T.plan_forward(8192, 320, 2560, kr=16, groups=1, dtype="fp16", rows_per_sample=4096, arch=80)
+    assert (p.config.block_m, p.config.block_n, p.n_per_prog, p.fused) == (64, 64, 1, True)
+    assert not T.plan_forward(8192, 320, 320, kr=64, groups=1, dtype="fp16", rows_per_sample=4096, arch=86).fused
+    assert T.plan_forward(8192, 320, 320, kr=64, groups=1, dtype="fp16", rows_per_sample=4096, arch=90).fused
 
 
 def test_gradients_with_shrink_shared_across_n_tiles(monkeypatch):

@@ -285,11 +285,13 @@ static spm_status validate_desc(const spm_plan_desc *d) {
     return SPM_OK;
 }
 
-/* FWD_TABLE's row for (rows, out per group): tiles.fwd_config */
-static const spm_tile_rule *table_rule(int64_t rows, int64_t out) {
-    for (int i = 0; i < SPM_FWD_TABLE_ROWS; ++i)
-        if (rows >= spm_fwd_table[i].min_rows && out <= spm_fwd_table[i].max_out) return &spm_fwd_table[i];
-    return &spm_fwd_table[SPM_FWD_TABLE_ROWS - 1];
+/* The arch's table row for (rows, out per group): tiles.fwd_config / tiles.table_for */
+static const spm_tile_rule *table_rule(int arch, int64_t rows, int64_t out) {
+    const spm_tile_rule *t = arch >= 90 ? spm_fwd_table_sm90 : spm_fwd_table_sm80;
+    int n = arch >= 90 ? SPM_FWD_TABLE_SM90_ROWS : SPM_FWD_TABLE_SM80_ROWS;
+    for (int i = 0; i < n; ++i)
+        if (rows >= t[i].min_rows && out <= t[i].max_out) return &t[i];
+    return &t[n - 1];
 }
 
 /* tiles.n_per_prog: the largest divisor of tiles_n keeping >= sm_count * PROGRAMS_PER_SM programs */
@@ -346,7 +348,7 @@ static spm_status plan_core_make(const spm_plan_desc *desc, int arch, int sm_cou
     pc->min_align = d->alignment > 2 ? d->alignment : 2; /* 16-bit elements; scale / gates at >= 4 */
 
     /* tiles.plan_forward */
-    const spm_tile_rule *cfg = table_rule(d->m, d->out_features);
+    const spm_tile_rule *cfg = table_rule(arch, d->m, d->out_features);
     int fused = d->pattern == SPM_PATTERN_AUTO ? pad16(kr) <= cfg->fused_max_rank : d->pattern == SPM_PATTERN_FUSED;
     /* what the aligned (divisibility-16 specialised) variants assume */
     int shapes16 = d->alignment >= 16 && d->out_features % 16 == 0 && d->ldx % 16 == 0 && d->ldy % 16 == 0 &&

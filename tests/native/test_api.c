@@ -116,33 +116,51 @@ static void test_info(const int *archs, int num_archs, const int *ranks, int num
     for (int i = 0; i < num_archs && i < info->num_archs; ++i)
         CHECK(info->archs[i] == archs[i], "arch %d is %d, want %d", i, info->archs[i], archs[i]);
     CHECK(info->num_ranks == num_ranks, "num_ranks %d, want %d", info->num_ranks, num_ranks);
-    CHECK(info->max_fused_rank == 64 && info->max_split_rank == 128, "max ranks %d %d", info->max_fused_rank,
-          info->max_split_rank);
-    /* per arch and dtype, from FWD_TABLE's two 16-bit tiles (64x64 w4, 128x128 w8): fused (combine x
-     * rank x R16/32/64 x bias) and split forward (bias) per tile, the generic split forward (bias),
-     * shrink (combine x rank x R64/R128 x aligned/generic) */
-    int per = 2 * (2 * num_ranks * 3 * 2 + 2) + 2 + 2 * num_ranks * 2 * 2;
-    CHECK(info->num_variants == num_archs * 2 * per, "%d variants, want %d", info->num_variants,
-          num_archs * 2 * per);
+    int want_fused = 0;
+    for (int a = 0; a < num_archs; ++a) {
+        const spm_tile_rule *t = archs[a] >= 90 ? spm_fwd_table_sm90 : spm_fwd_table_sm80;
+        int rows = archs[a] >= 90 ? SPM_FWD_TABLE_SM90_ROWS : SPM_FWD_TABLE_SM80_ROWS;
+        for (int i = 0; i < rows; ++i) want_fused = t[i].fused_max_rank > want_fused ? t[i].fused_max_rank : want_fused;
+    }
+    CHECK(info->max_fused_rank == want_fused && info->max_split_rank == 128, "max ranks %d %d",
+          info->max_fused_rank, info->max_split_rank);
+    /* per arch and dtype, from the arch's table (spm_tile_table.h, generated from kernels/tiles.py):
+     * per distinct tile, fused (combine x rank x BLOCK_R 16 .. fused_max_rank x bias) and split
+     * forward (bias); the generic split forward (bias); shrink (combine x rank x R64/R128 x
+     * aligned/generic) */
     const char *dt[] = {"fp16", "bf16"}, *comb[] = {"linear", "official"}, *bias[] = {"nobias", "bias"};
-    const char *tiles[] = {"aligned_M64N64w4", "aligned_M128N128w8"};
-    char name[160];
-    for (int a = 0; a < num_archs; ++a)
+    char name[160], tile[64];
+    int want_total = 0;
+    for (int a = 0; a < num_archs; ++a) {
+        const spm_tile_rule *t = archs[a] >= 90 ? spm_fwd_table_sm90 : spm_fwd_table_sm80;
+        int rows = archs[a] >= 90 ? SPM_FWD_TABLE_SM90_ROWS : SPM_FWD_TABLE_SM80_ROWS;
         for (int d = 0; d < 2; ++d) {
-            for (int b = 0; b < 2; ++b) {
-                for (int t = 0; t < 2; ++t) {
+            for (int i = 0; i < rows; ++i) {
+                int seen = 0; /* a tile of an earlier row: compiled once */
+                for (int j = 0; j < i; ++j)
+                    seen |= t[j].block_m == t[i].block_m && t[j].block_n == t[i].block_n &&
+                            t[j].num_warps == t[i].num_warps && t[j].num_stages == t[i].num_stages &&
+                            t[j].fused_max_rank == t[i].fused_max_rank;
+                if (seen) continue;
+                snprintf(tile, sizeof tile, "aligned_M%dN%dw%d", t[i].block_m, t[i].block_n, t[i].num_warps);
+                for (int b = 0; b < 2; ++b) {
                     for (int c = 0; c < 2; ++c)
                         for (int r = 0; r < num_ranks; ++r)
-                            for (int br = 16; br <= 64; br *= 2) {
+                            for (int br = 16; br <= t[i].fused_max_rank; br *= 2) {
                                 snprintf(name, sizeof name, "fwd_fused_%s_r%d_R%d_%s_%s_%s_sm%d", comb[c], ranks[r],
-                                         br, bias[b], tiles[t], dt[d], archs[a]);
+                                         br, bias[b], tile, dt[d], archs[a]);
                                 CHECK(has_variant(name), "missing variant %s", name);
+                                ++want_total;
                             }
-                    snprintf(name, sizeof name, "fwd_split_R64_%s_%s_%s_sm%d", bias[b], tiles[t], dt[d], archs[a]);
+                    snprintf(name, sizeof name, "fwd_split_R64_%s_%s_%s_sm%d", bias[b], tile, dt[d], archs[a]);
                     CHECK(has_variant(name), "missing variant %s", name);
+                    ++want_total;
                 }
+            }
+            for (int b = 0; b < 2; ++b) {
                 snprintf(name, sizeof name, "fwd_split_R64_%s_generic_M64N64w8_%s_sm%d", bias[b], dt[d], archs[a]);
                 CHECK(has_variant(name), "missing variant %s", name);
+                ++want_total;
             }
             for (int c = 0; c < 2; ++c)
                 for (int r = 0; r < num_ranks; ++r)
@@ -151,8 +169,11 @@ static void test_info(const int *archs, int num_archs, const int *ranks, int num
                             snprintf(name, sizeof name, "shrink_%s_r%d_R%d_%s_M64_%s_sm%d", comb[c], ranks[r], br,
                                      al ? "generic" : "aligned", dt[d], archs[a]);
                             CHECK(has_variant(name), "missing variant %s", name);
+                            ++want_total;
                         }
         }
+    }
+    CHECK(info->num_variants == want_total, "%d variants, want %d", info->num_variants, want_total);
     for (int i = 0; i < info->num_variants; ++i) {
         const spm_variant_info *v = &info->variants[i];
         int want_aligned = !strstr(v->name, "_generic_") ? (v->kernel == SPM_KERNEL_FWD && v->fused ? 1 : 2) : 0;
@@ -297,15 +318,17 @@ static void test_plan_api(int arch) {
     const char *fwd, *shrink;
     spm_plan *plan = NULL;
     char want[160];
+    const spm_tile_rule *t0 = arch >= 90 ? spm_fwd_table_sm90 : spm_fwd_table_sm80;
+    const int hopper = arch >= 90; /* sm_90: 128x128 ff tiles with the N loop; sm_80: 64x64 everywhere */
     /* the table's first row: 64x64 tiles, one N tile per program, whatever the SM count */
     d = desc15(arch);
     if (plan_info(&d, &info, &fwd, &shrink, "sd15 K=16")) {
         const spm_variant_info *v = vinfo(info.forward_variant);
-        CHECK(spm_fwd_table[0].block_m == 64 && spm_fwd_table[0].n_loop == 0, "table row 0 changed: update the test");
+        CHECK(t0[0].block_m == 64 && t0[0].n_loop == 0, "table row 0 changed: update the test");
         snprintf(want, sizeof want, "fwd_fused_linear_r1_R16_bias_aligned_M64N64w4_fp16_sm%d", arch);
         CHECK(!strcmp(fwd, want), "sd15 K=16: %s, want %s", fwd, want);
-        CHECK(v->block_m == spm_fwd_table[0].block_m && v->block_n == spm_fwd_table[0].block_n &&
-                  v->num_warps == spm_fwd_table[0].num_warps && v->num_stages == spm_fwd_table[0].num_stages,
+        CHECK(v->block_m == t0[0].block_m && v->block_n == t0[0].block_n && v->num_warps == t0[0].num_warps &&
+                  v->num_stages == t0[0].num_stages,
               "sd15 K=16: variant tile is not the table's");
         CHECK(info.fused && info.n_per_prog == 1 && info.forward_grid[0] == 5 && info.forward_grid[1] == 128 &&
                   info.workspace_bytes == 0 && info.sm_count == 132 && info.arch == arch,
@@ -317,11 +340,15 @@ static void test_plan_api(int arch) {
     for (int i = 0; i < 3; ++i) {
         d = desc15(arch);
         d.out_features = 2560; d.ldy = 2560; d.sm_count = sms[i];
-        if (plan_info(&d, &info, &fwd, &shrink, "ff GEGLU in")) {
+        if (plan_info(&d, &info, &fwd, &shrink, "ff GEGLU in") && hopper) {
             CHECK(strstr(fwd, "_aligned_M128N128w8_") && info.n_per_prog == want_npp[i] &&
                       info.forward_grid[0] == 20u / (unsigned)want_npp[i] && info.forward_grid[1] == 64,
                   "ff in, %d SMs: %s n_per_prog %d grid (%u, %u), want n_per_prog %d", sms[i], fwd, info.n_per_prog,
                   info.forward_grid[0], info.forward_grid[1], want_npp[i]);
+        } else if (!hopper) {
+            CHECK(strstr(fwd, "_aligned_M64N64w4_") && info.n_per_prog == 1 && info.forward_grid[0] == 40 &&
+                      info.forward_grid[1] == 128, "ff in on sm_%d: %s n_per_prog %d grid (%u, %u)", arch, fwd,
+                  info.n_per_prog, info.forward_grid[0], info.forward_grid[1]);
         }
     }
     /* K*r above the fused limit (64): shrink + split forward with the table's tile, workspace */
@@ -336,7 +363,8 @@ static void test_plan_api(int arch) {
     d = desc15(arch); d.groups = 3; d.ldy = 960; d.has_bias = 0; d.num_spms = 64; d.dtype = SPM_DTYPE_BFLOAT16;
     d.scale_per_group = 1;
     if (plan_info(&d, &info, &fwd, &shrink, "q/k/v")) {
-        snprintf(want, sizeof want, "fwd_fused_linear_r1_R64_nobias_aligned_M64N64w4_bf16_sm%d", arch);
+        if (hopper) snprintf(want, sizeof want, "fwd_fused_linear_r1_R64_nobias_aligned_M64N64w4_bf16_sm%d", arch);
+        else snprintf(want, sizeof want, "fwd_split_R64_nobias_aligned_M64N64w4_bf16_sm%d", arch); /* fused <= 32 */
         CHECK(!strcmp(fwd, want) && info.forward_grid[0] == 15 && info.forward_grid[1] == 128, "q/k/v: %s (%u, %u)",
               fwd, info.forward_grid[0], info.forward_grid[1]);
     }
