@@ -44,9 +44,15 @@ gl = sc.load_compiled()  # a private copy with real JITFunctions (TRITON_INTERPR
 _t = sc._t
 
 
-def _record(fn):
-    """Run a launcher with recorders in place of the kernels; returns [(kernel, args, kwargs)]."""
-    return sc.record(gl, fn)
+def _record(fn, arch=90):
+    """Run a launcher with recorders in place of the kernels, planning as on a device of ``arch``
+    (its tile table: tiles.table_for); returns [(kernel, args, kwargs)]."""
+    saved = gl.tiles.device_arch
+    gl.tiles.device_arch = lambda device=None: arch
+    try:
+        return sc.record(gl, fn)
+    finally:
+        gl.tiles.device_arch = saved
 
 
 def _specialise(name, args, kwargs):
@@ -90,19 +96,22 @@ SM90_LAUNCHES = {
     "fwd fused fp16 cross-attn kv": _linear(154, 768, 640, 4, bias=False),
     "fwd fused fp16 K*r=32": _linear(8192, 320, 320, 32),
     "fwd fused fp32 (ieee, FMA)": _linear(2048, 640, 640, 16, dtype=torch.float32),
-    "fwd split fp16 K=64": _linear(8192, 320, 320, 64),
+    "fwd fused fp16 K*r=64": _linear(8192, 320, 320, 64),
+    "fwd split fp16 K=96": _linear(8192, 320, 320, 96),
+    "fwd fused fp16 ff in (128x128, N loop)": _linear(8192, 320, 2560, 16),
     "fwd conv1x1 NCHW fp16": _conv(),
     "bwd fp16": _backward(),
     "bwd bf16 linear": _backward(dtype=torch.bfloat16, combine="linear"),
 }
-SM80_LAUNCHES = ("fwd fused fp16 linear bias", "fwd fused fp16 official r2", "fwd split fp16 K=64", "bwd fp16")
+SM80_LAUNCHES = ("fwd fused fp16 linear bias", "fwd fused fp16 official r2", "fwd fused fp16 K*r=32",
+                 "fwd split fp16 K=96", "fwd fused fp16 ff in (128x128, N loop)", "bwd fp16")  # sm_80's table
 
 
 def _variants():
     seen, out = set(), []
     for arch, names in ((90, tuple(SM90_LAUNCHES)), (80, SM80_LAUNCHES)):
         for launch in names:
-            for i, (name, args, kwargs) in enumerate(_record(SM90_LAUNCHES[launch])):
+            for i, (name, args, kwargs) in enumerate(_record(SM90_LAUNCHES[launch], arch)):
                 spec = _specialise(name, args, kwargs)
                 key = (arch, name, tuple(sorted(spec[1].items())), tuple(sorted(map(str, spec[2].items()))))
                 if key in seen:
