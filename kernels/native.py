@@ -482,6 +482,7 @@ def gated_spm_linear_native(
 
 
 _PLAN_CACHE_SIZE = 256
+_prepare_lock = threading.Lock()
 _plans: collections.OrderedDict = collections.OrderedDict()  # key -> _NativePlan (LRU)
 
 
@@ -557,7 +558,9 @@ def _forward(ops, pattern):
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
         if not p.prepared:
-            _prepare(lib, p, stream, dev)
+            with _prepare_lock:  # one thread loads a plan's modules; the others wait for it
+                if not p.prepared:
+                    _prepare(lib, p, stream, dev)
         workspace = None
         ptrs = _Pointers()
         lib.spm_pointers_init(ctypes.byref(ptrs))
@@ -570,7 +573,8 @@ def _forward(ops, pattern):
             ptrs.workspace, ptrs.workspace_bytes = workspace.data_ptr(), p.info.workspace_bytes
         status = lib.spm_plan_execute(p.handle, ctypes.byref(ptrs), ctypes.c_void_p(stream))
         if status == _NOT_PREPARED:  # the context changed under the plan (recreated): load again
-            _prepare(lib, p, stream, dev)
+            with _prepare_lock:
+                _prepare(lib, p, stream, dev)
             status = lib.spm_plan_execute(p.handle, ctypes.byref(ptrs), ctypes.c_void_p(stream))
     if status != SPM_OK:
         _raise(lib, status, "spm_plan_execute")
