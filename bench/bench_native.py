@@ -6,8 +6,11 @@ Shape: the SD1.5 64x64 self-attention projection, x [8192, 320] (2 images x 4096
 W [320, 320] + bias, K = 16 rank-1 SPMs, fp16, linear combine. Reports the first call of each path
 (the JIT compiles into an empty cache; the native library loads a cubin), then do_bench medians
 with the 20-80% spread; checks both against a float64 reference, and the q/k/v (groups=3), official
-bf16 and split (K = 64) variants against the Triton path. Exit 1 on a mismatch; 0 with a message
-where there is no GPU or no library. Run by bench/gpu_check.sh (which sets up the import shim).
+bf16, ff GEGLU-in (N loop), split (K = 96) and broadcast-gates cases against the Triton path. Both
+paths plan from one table (kernels/tiles.py): each check also records whether the native plan is
+the JIT launcher's kernel (tile, warps, stages, pattern, N tiles per program, grid); a difference
+fails the run. Exit 1 on a mismatch; 0 with a message where there is no GPU or no library. Run by
+bench/gpu_check.sh (which sets up the import shim).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ def _sync_time(fn):
     return out, time.perf_counter() - t0
 
 
-def _case(m, in_f, out, k, groups=1, dtype=torch.float16, bias=True, seed=0):
+def _case(m, in_f, out, k, groups=1, dtype=torch.float16, bias=True, seed=0, bcast=False):
     g = torch.Generator(device="cuda").manual_seed(seed)
     kw = dict(device="cuda", dtype=dtype)
     x = torch.randn(m, in_f, generator=g, **kw)
@@ -40,7 +43,27 @@ def _case(m, in_f, out, k, groups=1, dtype=torch.float16, bias=True, seed=0):
     u = torch.randn(groups * out, k, generator=g, **kw) / k ** 0.5
     scale = torch.rand(k, generator=g, device="cuda") + 0.5
     gates = torch.rand(2, k, generator=g, device="cuda")
+    if bcast:
+        gates = gates[:1].expand(2, k)  # one gate row for both samples: row stride 0
     return x, w, b, d, u, scale, gates, m // 2
+
+
+def _same_kernel(native, gl, x, w, d, k, groups, dtype, combine, rows):
+    """The native plan's forward vs the JIT launcher's plan for this call (tiles.plan_forward)."""
+    m, in_f = x.shape
+    out = w.shape[0] // groups
+    cc = torch.cuda.get_device_capability()
+    arch = native._load().spm_kernels_arch_for_cc(cc[0] * 10 + cc[1])
+    from spm_rt.kernels import tiles
+
+    nat = native.plan(m, in_f, out, k, 1, groups, rows_per_sample=rows, dtype=dtype, combine=combine, arch=arch,
+                      sm_count=tiles.device_sm_count(x.device))
+    jit = gl.forward_plan(m, in_f, out, k, groups, dtype, rows, device=x.device)
+    v = nat["variants"]["forward"]
+    return (v["block_m"], v["block_n"], v["block_k"], v["num_warps"], v["num_stages"], nat["fused"],
+            nat["n_per_prog"], nat["forward_grid"][:2]) == (
+        jit.block_m, jit.block_n, jit.block_k, jit.config.num_warps, jit.config.num_stages, jit.fused,
+        jit.n_per_prog, jit.grid)
 
 
 def main(argv=None) -> int:
@@ -58,6 +81,7 @@ def main(argv=None) -> int:
     import triton
     from triton.testing import do_bench
 
+    from spm_rt.kernels import gated_linear as gl
     from spm_rt.kernels import native
     from spm_rt.kernels.gated_linear import gated_spm_linear_torch, gated_spm_linear_triton
 
@@ -86,12 +110,16 @@ def main(argv=None) -> int:
         ("q/k/v groups=3 K=16 fp16 linear", dict(m=8192, in_f=320, out=320, k=16, groups=3, bias=False), "linear"),
         ("8192x320->320 K=16 bf16 official bias", dict(m=8192, in_f=320, out=320, k=16, dtype=torch.bfloat16),
          "official"),
-        ("split K=64 4096x640->640 fp16 official", dict(m=4096, in_f=640, out=640, k=64), "official"),
+        ("ff GEGLU in 8192x320->2560 K=16 fp16 (N loop)", dict(m=8192, in_f=320, out=2560, k=16), "linear"),
+        ("split K=96 4096x640->640 fp16 official", dict(m=4096, in_f=640, out=640, k=96), "official"),
+        ("broadcast gates (stride 0) 8192x320->320 K=16", dict(m=8192, in_f=320, out=320, k=16, bcast=True),
+         "linear"),
         ("cross-attn k/v 154x768->320 K=4", dict(m=154, in_f=768, out=320, k=4, bias=False), "linear"),
     ]
     for name, shape, combine in checks:
         groups = shape.get("groups", 1)
         x, w, b, d, u, scale, gates, rows = _case(**shape)
+        same = _same_kernel(native, gl, x, w, d, shape["k"], groups, x.dtype, combine, rows)
         y_nat = native.gated_spm_linear_native(x, w, b, d, u, scale, gates, rows, combine, 1, groups)
         y_tri = gated_spm_linear_triton(x, w, b, d, u, scale, gates, rows, combine, 1, groups)
         ref, _ = gated_spm_linear_torch(x.double(), w.double(), None if b is None else b.double(), d.double(),
@@ -102,12 +130,12 @@ def main(argv=None) -> int:
         diff = (y_nat.double() - y_tri.double()).abs().max().item() / ref_max
         # the rule of docs/style.md: native error at most ~2x the Triton path's (+ one output ulp)
         ulp = 2.0 ** -10 if x.dtype == torch.float16 else 2.0 ** -7
-        ok = bool(torch.isfinite(y_nat).all()) and err_nat <= 2 * err_tri + ulp
+        ok = bool(torch.isfinite(y_nat).all()) and err_nat <= 2 * err_tri + ulp and same
         failed |= not ok
         results["checks"].append({"case": name, "native_rel_err": err_nat, "triton_rel_err": err_tri,
-                                  "native_vs_triton": diff, "ok": ok})
+                                  "native_vs_triton": diff, "same_kernel": same, "ok": ok})
         print(f"{'ok  ' if ok else 'FAIL'} {name:52s} native {err_nat:.2e}  triton {err_tri:.2e}  "
-              f"native-triton {diff:.2e}")
+              f"native-triton {diff:.2e}  same kernel {same}")
 
     # steady-state timing at the SD1.5 shape (host launch overhead included: both are Python calls)
     for label, fn in (("native", run_nat), ("triton_jit", run_tri), ("bare_gemm", bare)):
@@ -117,6 +145,7 @@ def main(argv=None) -> int:
               f"first call {first[label] * 1000:.1f} ms")
     t = results["timing"]
     print(f"native / triton_jit median: {t['native']['median_ms'] / t['triton_jit']['median_ms']:.3f}")
+    results["fallbacks"] = native.fallbacks()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

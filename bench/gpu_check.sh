@@ -68,12 +68,32 @@ fi
 # Guarded: SPM_SKIP_NATIVE=1 skips it. Uses $SPM_KERNELS_LIB or build/libspm_kernels.so when present
 # (a build carried from another machine: its GPU test binary is run directly), else builds one
 # with cmake (sm_90 only unless SPM_CUDA_ARCHS is set; about a minute) into a scratch directory.
-# A correctness failure exits 1; a missing toolchain is reported and skipped.
+# A correctness or build failure exits 1; an incomplete toolchain (no cmake, no C compiler, no
+# cuda.h: the CUDA toolkit's or the one the triton wheel ships) is reported and skipped.
+native_toolchain_missing() {
+  command -v cmake >/dev/null 2>&1 || { echo "cmake"; return; }
+  if [ -n "${CC:-}" ]; then command -v "$CC" >/dev/null 2>&1 || { echo "C compiler \$CC=$CC"; return; }
+  elif ! command -v cc >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1 && ! command -v clang >/dev/null 2>&1; then
+    echo "C compiler (cc, gcc or clang)"; return
+  fi
+  local d
+  for d in "${CUDA_HOME:-}" "${CUDA_PATH:-}" /usr/local/cuda /opt/cuda; do
+    [ -n "$d" ] && [ -f "$d/include/cuda.h" ] && return
+  done
+  python3 - <<'PY' 2>/dev/null || echo "cuda.h (no CUDA toolkit headers, and no triton wheel holding backends/nvidia/include/cuda.h)"
+import os, sys, triton
+sys.exit(0 if os.path.isfile(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "include", "cuda.h")) else 1)
+PY
+}
 if [ "${SPM_SKIP_NATIVE:-0}" != 1 ]; then
   native_rc=0
   lib="${SPM_KERNELS_LIB:-$repo/build/libspm_kernels.so}"
   nb="$(dirname "$lib")"
-  if [ ! -f "$lib" ] && command -v cmake >/dev/null 2>&1; then
+  missing=""
+  [ -f "$lib" ] || missing="$(native_toolchain_missing)"
+  if [ -n "$missing" ]; then
+    echo "native: SKIPPED (no $lib, and the toolchain to build it is incomplete: no $missing)"
+  elif [ ! -f "$lib" ]; then
     nb="$shim/native-build"
     if cmake -S "$repo" -B "$nb" -DPython3_EXECUTABLE="$(command -v python3)" \
          -DSPM_CUDA_ARCHS="${SPM_CUDA_ARCHS:-90}" >"$out_dir/native-build.log" 2>&1 &&
@@ -93,8 +113,6 @@ if [ "${SPM_SKIP_NATIVE:-0}" != 1 ]; then
     fi
     (cd "$shim" && python3 "$repo/bench/bench_native.py" --lib "$lib" \
        --json "$out_dir/native-$(date -u +%Y%m%dT%H%M%SZ).json") || native_rc=1
-  elif [ "$native_rc" = 0 ]; then
-    echo "native: SKIPPED (no $lib and no cmake to build it)"
   fi
 fi
 

@@ -97,6 +97,9 @@ def specialise(gl, name, args, kwargs):
             signature[arg_name], constexprs[arg_name] = "constexpr", kwargs[arg_name]
             continue
         a = args[i]
+        if kernel.params[i].do_not_specialize:  # e.g. N_PER_PROG: one binary for every value
+            signature[arg_name] = "i32" if -(2**31) <= a < 2**31 else "i64"
+            continue
         if isinstance(a, torch.Tensor):
             signature[arg_name] = "*" + _PTR[a.dtype]
             if a.data_ptr() % 16 == 0:
@@ -138,10 +141,24 @@ def runtime_launches(gl):
     return out
 
 
-def config_key(name, kwargs, dtype, reduced=False):
+def launch_arg(gl, name, args, kwargs, arg_name, default=None):
+    """The value a recorded launch passed for ``arg_name`` (positional or keyword)."""
+    if arg_name in kwargs:
+        return kwargs[arg_name]
+    names = getattr(gl, name).arg_names
+    i = names.index(arg_name) if arg_name in names else len(args)
+    return args[i] if i < len(args) else default
+
+
+def n_per_prog_of(gl, launch) -> int:
+    name, args, kwargs = launch
+    return launch_arg(gl, name, args, kwargs, "N_PER_PROG", 1) if name == "_gated_spm_fwd_kernel" else 1
+
+
+def config_key(name, kwargs, dtype, reduced=False, npp=1):
     """What makes a different kernel binary (reduced: fp16 stands for bf16, N_PER_PROG > 1 for all
-    values above 1, and the NCHW variant of one tile for all)."""
-    npp = kwargs.get("N_PER_PROG", 1)
+    values above 1, and the NCHW variant of one tile for all). N_PER_PROG is a runtime argument
+    (one binary for every value) but changes the work per tile, so the table lists it."""
     key = (name.strip("_").replace("_kernel", ""), kwargs["BLOCK_M"], kwargs.get("BLOCK_N", 0), kwargs["BLOCK_K"],
            kwargs.get("BLOCK_R", 0), kwargs.get("FUSED_SHRINK"), kwargs["num_warps"], kwargs["num_stages"])
     if reduced:
@@ -155,7 +172,7 @@ def runtime_configs(gl, reduced=False):
     for label, in_f, fn in runtime_launches(gl):
         for name, args, kwargs in record(gl, fn):
             dtype = args[0].dtype
-            key = config_key(name, kwargs, dtype, reduced)
+            key = config_key(name, kwargs, dtype, reduced, n_per_prog_of(gl, (name, args, kwargs)))
             if reduced and (kwargs.get("SAMPLE_TILES") or dtype == torch.bfloat16):
                 # the NCHW / bf16 variants compile from the same tile code: covered by the full table
                 if any(k[:8] == key[:8] for k in seen):
@@ -277,7 +294,7 @@ def work_ratio(gl, launch, in_f):
     name, args, kwargs = launch
     got = compile_spec(specialise(gl, name, args, kwargs))
     k_trips = -(-in_f // kwargs["BLOCK_K"])
-    fused = tile_work(got["sass"], k_trips, kwargs.get("N_PER_PROG", 1))
+    fused = tile_work(got["sass"], k_trips, n_per_prog_of(gl, launch))
     bare = compile_spec(bare_spec(kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["BLOCK_K"], kwargs["num_warps"],
                                   kwargs["num_stages"], _PTR[args[0].dtype]))
     base = tile_work(bare["sass"], k_trips)
@@ -330,7 +347,10 @@ spills. TMA = UTMALDG/UBLKCP instructions (none: the main loops use cp.async, LD
 "work/tile vs bare": tensor-core work per output tile (every HGMMA weighted by m x n x k and by its
 loops' trip counts at that shape) over the same-tile bare GEMM's; the branch's arithmetic alone is
 1 + K(in + out)/(in out) (1.10 at 320 x 320, K = 16). "HGMMA/tile" counts instructions instead
-(an m64n16k16 counts as much as an m64n64k16 there). Nothing here was run on a GPU.
+(an m64n16k16 counts as much as an m64n64k16 there). n_per_prog (N tiles per program, a runtime
+argument: one binary per configuration whatever its value) is what the table picks with the
+default SM count (132, tiles.DEFAULT_SM_COUNT: no GPU here); on a device it follows that device's
+SM count. Nothing here was run on a GPU.
 
 """
 

@@ -41,8 +41,6 @@ the comments and from the no-GPU compile check (tests/test_kernels_compile.py), 
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 try:
@@ -52,7 +50,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without triton
     raise ImportError("spm_rt.kernels.gated_linear needs triton: pip install 'spm_rt[triton]'") from exc
 
 from spm_rt.kernels.reference import (  # noqa: F401 (the torch formulas are re-exported)
-    COMBINES, check_operand_shapes, check_operand_types, gated_spm_linear_bwd_ref, gated_spm_linear_torch)
+    COMBINES, GatedOperands, gated_spm_linear_bwd_ref, gated_spm_linear_torch)
+from spm_rt.kernels import tiles
+from spm_rt.kernels.tiles import (  # noqa: F401 (re-exported for benchmarks and tests)
+    CFG_64x64, CFG_128x64, CFG_128x128, CFG_128x256, CFG_FP32, FWD_CANDIDATES, FwdConfig)
 
 __all__ = [
     "gated_spm_linear_triton",
@@ -63,97 +64,16 @@ __all__ = [
 ]
 
 # ---------------------------------------------------------------------------------------------
-# Tuning constants.
-# Forward tile: 128 x 64 x 64 (fp16/bf16), 4 warps, 3 stages. BLOCK_N = 64 divides every SD1.5
-# width (320/640/1280) so no N tile is wasted, and the n-fastest launch order lets the 5..20 N
-# tiles of one row block share the x tile through L2. The 128x64 fp32 accumulator (64 regs/thread)
-# plus the 128 x pad16(K*r) shrink accumulator fit without spills on sm_90/sm_80 (compile test);
-# the 128x128x64 tile spilled at the register cap in docs/performance.md. Small M (cross-attention
-# k/v: 154 rows) uses 64-row tiles so more programs run. fp32 uses exact ("ieee") dots, which run on
-# FMA units, so its tiles are smaller to stay clear of spills.
-FWD_BLOCK_M = 128
-FWD_BLOCK_M_SMALL = 64  # used when M < FWD_SMALL_M_BELOW
-FWD_SMALL_M_BELOW = 2048
-FWD_BLOCK_N = 64
-FWD_BLOCK_K = 64
-FWD_BLOCK_M_FP32 = 64
-FWD_BLOCK_K_FP32 = 32
-FWD_NUM_WARPS = 4
-FWD_NUM_STAGES = 3
-# Pattern choice: the fused shrink costs pad16(K*r)/(BLOCK_N * n_per_prog) extra MMA per output
-# tile (a program computes it once and loops over n_per_prog N tiles; see FwdConfig); the split
-# shrink costs a second read of x plus a [M, K*r] round trip. FUSED_MAX_RANK is the old fixed rule,
-# kept for the native library's C picker (native/aot.py mirrors it); the JIT launcher takes the
-# fused/split choice from FWD_TABLE below.
-FUSED_MAX_RANK = 32
-# Expand chunk of the split pattern / backward dx ("load c" mode): K*r is reduced in 64-wide steps.
-LOAD_BLOCK_R = 64
-# Shrink kernel (split pattern, backward dz): full pad16(K*r) per program (the official combine
-# needs every SPM of a row in one program); rows per program shrink as K*r grows to cap registers.
-SHRINK_BLOCK_M = 64
-SHRINK_BLOCK_K = 64
-SHRINK_ACC_ELEMS = 64 * 128  # BLOCK_M * BLOCK_R budget: 64 fp32 accumulator regs/thread at 4 warps
-# Low-rank gradients (dU = dy^T c, dD = dz^T x): tall-skinny reductions over M, split over M into an
-# fp32 workspace (summed in torch, deterministic) so that about LOWRANK_TARGET_PROGRAMS programs
-# run: ~2 waves on a 132-SM H100/H200.
-LOWRANK_BLOCK_M = 64
-LOWRANK_BLOCK_PQ = 64
-LOWRANK_TARGET_PROGRAMS = 264
-# CUDA's limit on grid dimensions 1 and 2: row blocks run on axis 1 (N tiles on axis 0, which
-# allows 2^31 - 1), so one launch covers at most this many row blocks.
-MAX_ROW_BLOCKS = 65535
+# Tuning constants: the tiles live in spm_rt.kernels.tiles (one table for this launcher and the
+# native library, native/aot.py); read through ``tiles.NAME`` at call time, so a test that patches
+# the tiles module changes every launch. The names below are re-exported for benchmarks.
+
 # Exact fp32: the contract is fp32 relative error < 1e-5, which tf32 (~3e-4) would break.
 FP32_DOT_PRECISION = "ieee"
 # The fused forward loads its gates [BLOCK_M, BLOCK_R] (fp32) and U tile before the K loop only up to
 # this many gate elements (16 registers per thread at 4 warps); above it (128 x 32 and wider) the
 # registers held through the loop made the sm_80 M128 variants spill (native ctest spm_cubins).
 PREFETCH_MAX_ELEMS = tl.constexpr(2048)
-
-
-class FwdConfig(NamedTuple):
-    """One forward tiling. ``fused_max_rank``: pad16(K*r) up to which the shrink is fused (pattern A)."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-    fused_max_rank: int
-
-
-# Hopper candidates (issue 15), none timed yet: bench/bench_kernels.py times each at K = 16 (its
-# "tile candidates" section) so that FWD_TABLE can be set from measurements. Compiled for sm_90
-# (wgmma, spills) by tests/test_kernels_compile.py; the full table is bench/results/sm90_compile_table.md.
-CFG_128x64 = FwdConfig(128, 64, 64, 4, 3, 64)  # the first kernels' tile
-CFG_64x64 = FwdConfig(64, 64, 64, 4, 4, 64)  # small M (more programs) and narrow outputs
-CFG_128x128 = FwdConfig(128, 128, 64, 8, 3, 64)  # compute-bound: two warpgroups, half the W re-reads
-# wide ff outputs: 128 fp32 acc registers per thread. A candidate only, not in FWD_TABLE: with 2 N
-# tiles per program it spilled (712 B stack, sm_90, triton 3.9); with 5 it did not (248 registers)
-CFG_128x256 = FwdConfig(128, 256, 64, 8, 3, 32)
-# exact fp32 dots run on FMA units: small tiles; fused only up to K*r 16 (at 64, with 5 N tiles per
-# program holding c, it spilled 2 KB)
-CFG_FP32 = FwdConfig(64, 64, 32, 4, 3, 16)
-FWD_CANDIDATES = (CFG_128x64, CFG_64x64, CFG_128x128, CFG_128x256)
-
-# The per-shape table for 16-bit inputs, keyed on (M bucket, out, K*r): the first row with
-# rows >= its min rows and out <= its max out wins; its config's fused_max_rank then decides fused
-# vs split for the K*r at hand (fp32 always takes CFG_FP32). Why each row, from the arithmetic in
-# docs/performance.md (to be replaced by the candidates' timings):
-# * M < 2048 (16x16 / 8x8 latents, 154 text rows): 64-row tiles, or too few programs for 132 SMs;
-# * out <= 640 at M >= 2048 (SD1.5 64x64 / 32x32 attention, memory-bound or nearly): 64x64 tiles,
-#   each program looping over n_per_prog N tiles of its row block computes the shrink once;
-# * out >= 1280 (attention at 1280, ff GEGLU in 2560..10240 wide): 128x128, 8 warps (compute-bound;
-#   128x256 would re-read less but spills in some N-loop variants, see CFG_128x256).
-FWD_TABLE = (  # (min rows, max out per group, config)
-    (2048, 640, CFG_64x64),
-    (2048, 1 << 30, CFG_128x128),
-    (0, 1 << 30, CFG_64x64),
-)
-# Target number of programs of one forward launch, about one per SM of an H100/H200 (132 SMs):
-# n_per_prog is the largest divisor of the N tiles that keeps the grid at or above this. 128, so
-# that 8192 x 320 (128 row blocks of 64) runs one program per row block over all 5 N tiles.
-MIN_PROGRAMS = 128
-
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
@@ -278,10 +198,10 @@ def _k_loop(acc, zacc, x_ptrs, w_ptrs, d_ptrs, IN, r_mask, stride_xk, stride_wk,
     return acc, zacc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N_PER_PROG"])
 def _gated_spm_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, down_ptr, up_ptr, scale_ptr, gates_ptr, c_ptr, y_ptr,
-    M, N, IN, KR, rows_per_sample, tiles_per_sample,
+    M, N, IN, KR, rows_per_sample, tiles_per_sample, N_PER_PROG,
     stride_xb, stride_xm, stride_xk,
     stride_wn, stride_wk,
     stride_dr, stride_dk,
@@ -293,10 +213,12 @@ def _gated_spm_fwd_kernel(
     RANK: tl.constexpr, HAS_BIAS: tl.constexpr, OFFICIAL: tl.constexpr,
     FUSED_SHRINK: tl.constexpr, STORE_C: tl.constexpr, SAMPLE_TILES: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    N_PER_PROG: tl.constexpr,
 ):
     """y[:, g*N + n] = x W_g^T + c_g U_g^T (+ b): N_PER_PROG consecutive [BLOCK_M, BLOCK_N] tiles of
-    group g (N_PER_PROG divides the group's N tiles: the launcher picks it so).
+    group g (N_PER_PROG divides the group's N tiles: the launcher picks it so). N_PER_PROG is a
+    runtime argument, never specialised (do_not_specialize): one binary serves every count, so the
+    native library compiles one variant per tile config (tiles.plan_forward picks the count from
+    the device's SM count).
 
     FUSED_SHRINK: c_g = coefficients(x D_g^T) from the x tiles of the first tile's main loop
     (pattern A), computed once per program and reused by its other N tiles; optionally written to
@@ -492,7 +414,8 @@ def _interpreting() -> bool:
 
 
 def _pad16(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return tiles.pad16(n)
+
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -515,25 +438,29 @@ class _NullContext:
         return False
 
 
-def _validate(x, x_features, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank, groups, m_rows):
+def _validate(ops: GatedOperands, x_features: int, m_rows: int):
     """Check everything a launch relies on; returns (N per group, K, K*r)."""
-    if combine not in COMBINES:
-        raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16 or float32 for the Triton path, got {x.dtype}")
+    if ops.combine not in COMBINES:
+        raise ValueError(f"combine must be one of {COMBINES}, got {ops.combine!r}")
+    if ops.x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32 for the Triton path, got {ops.x.dtype}")
     # gates may be strided (an ``expand``ed [1, K] -> [B, K] has row stride 0): the kernels read
     # them through (stride_gb, stride_gk)
-    check_operand_types(x, weight, bias, down, up, scale, gates, rank, groups, gates_contiguous=False)
-    if not x.is_cuda and not _interpreting():
-        raise ValueError(f"the Triton path needs CUDA tensors (got {x.device}); use gated_spm_linear_ref on CPU")
-    return check_operand_shapes(x_features, m_rows, weight, bias, down, up, scale, gates, rows_per_sample, rank,
-                                groups)
+    ops.check_types(gates_contiguous=False)
+    if not ops.x.is_cuda and not _interpreting():
+        raise ValueError(f"the Triton path needs CUDA tensors (got {ops.x.device}); use gated_spm_linear_ref on CPU")
+    return ops.shapes(x_features, m_rows)
 
 
-def _pick_pattern(pattern: str | None, kr: int, cfg: FwdConfig | None = None) -> bool:
-    """True for the fused shrink (pattern A); "auto" asks the tile config (FWD_TABLE)."""
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+
+
+def _pick_pattern(pattern: str | None, kr: int, cfg: FwdConfig | None = None) -> bool | None:
+    """True for the fused shrink (pattern A), False for split; "auto" asks the tile config (the
+    table's fused_max_rank), or returns None without one (tiles.plan_forward decides then)."""
     if pattern in (None, "auto"):
-        return _pad16(kr) <= (cfg.fused_max_rank if cfg is not None else FUSED_MAX_RANK)
+        return tiles.fused_for(kr, cfg) if cfg is not None else None
     if pattern not in ("fused", "split"):
         raise ValueError(f"pattern must be 'auto', 'fused' or 'split', got {pattern!r}")
     return pattern == "fused"
@@ -545,7 +472,8 @@ _FORCED_CONFIG: list = []  # forced_config's stack
 class forced_config:  # noqa: N801 (a context manager used like a function)
     """``with forced_config(cfg):`` every forward launch uses ``cfg`` instead of FWD_TABLE's pick
     (benchmarks of the candidates, tests). ``n_per_prog`` forces the N tiles per program (the
-    largest divisor of the N tiles not above it); None keeps the MIN_PROGRAMS rule."""
+    largest divisor of the N tiles not above it); None keeps the config's rule (the SM-count rule
+    for configs with ``n_loop``, else 1)."""
 
     def __init__(self, cfg: FwdConfig, n_per_prog: int | None = None):
         self.entry = (cfg, n_per_prog)
@@ -564,69 +492,64 @@ class forced_config:  # noqa: N801 (a context manager used like a function)
             f" n_per_prog<={npp}" if npp else "")
 
 
-def _fwd_config(m_rows: int, n: int, dtype: torch.dtype) -> FwdConfig:
-    """FWD_TABLE's tiling for (rows per launch, out per group, dtype), or the forced one."""
+def _fwd_config(m_rows: int, n: int, dtype: torch.dtype, arch: int = tiles.DEFAULT_ARCH) -> FwdConfig:
+    """The table's tiling for (rows per launch, out per group, dtype, arch), or the forced one."""
     if _FORCED_CONFIG:
         return _FORCED_CONFIG[-1][0]
-    if dtype == torch.float32:
-        return CFG_FP32
-    return next(cfg for min_rows, max_out, cfg in FWD_TABLE if m_rows >= min_rows and n <= max_out)
-
-
-def _n_per_prog(tiles_n: int, other_programs: int) -> int:
-    """N tiles per program: the largest divisor of tiles_n keeping the grid >= MIN_PROGRAMS
-    (other_programs = groups * row blocks), 1 if none does; a forced bound caps the divisor."""
-    forced = _FORCED_CONFIG[-1][1] if _FORCED_CONFIG else None
-    best = 1
-    for d in range(1, min(forced or tiles_n, tiles_n) + 1):
-        if tiles_n % d == 0 and (forced or other_programs * (tiles_n // d) >= MIN_PROGRAMS):
-            best = d
-    return best
+    return tiles.fwd_config(m_rows, n, _dtype_name(dtype), arch)
 
 
 def _fwd_tiles(m_rows: int, n: int, in_f: int, dtype: torch.dtype):
+    """Tiles of the backward's dx launch (the forward kernel in "load c" mode)."""
     if dtype == torch.float32:
-        bm, bk = FWD_BLOCK_M_FP32, FWD_BLOCK_K_FP32
+        bm, bk = tiles.FWD_BLOCK_M_FP32, tiles.FWD_BLOCK_K_FP32
     else:
-        bm = FWD_BLOCK_M if m_rows >= FWD_SMALL_M_BELOW else FWD_BLOCK_M_SMALL
-        bk = FWD_BLOCK_K
+        bm = tiles.FWD_BLOCK_M if m_rows >= tiles.FWD_SMALL_M_BELOW else tiles.FWD_BLOCK_M_SMALL
+        bk = tiles.FWD_BLOCK_K
     # tiles never larger than the (power-of-two rounded) problem, and at least 16 for tl.dot
     bm = min(bm, _pad16(m_rows))
-    bn = min(FWD_BLOCK_N, _pad16(n))
+    bn = min(tiles.FWD_BLOCK_N, _pad16(n))
     bk = min(bk, _pad16(in_f))
     return bm, bn, bk
 
 
-def _shrink_block_m(block_r: int) -> int:
-    return max(16, min(SHRINK_BLOCK_M, SHRINK_ACC_ELEMS // block_r))
-
-
 def _launch_shrink(a, a_strides, stride_ag, b, stride_br, stride_bk, stride_bg, scale, stride_sg, gates,
-                   c, m_rows, kred, kr, groups, rows_per_sample, sample_tiles, combine, rank):
-    """c [M, G*KR] = coefficients(a_g b_g^T) for every group g (see _gated_shrink_kernel)."""
-    block_r = _pad16(kr)
-    block_m = min(_shrink_block_m(block_r), _pad16(rows_per_sample if sample_tiles else m_rows))
-    block_k = min(SHRINK_BLOCK_K if a.dtype != torch.float32 else FWD_BLOCK_K_FP32, _pad16(kred))
-    tiles_per_sample = triton.cdiv(rows_per_sample, block_m)
-    m_tiles = gates.shape[0] * tiles_per_sample if sample_tiles else triton.cdiv(m_rows, block_m)
-    _gated_shrink_kernel[(m_tiles, groups)](
+                   c, m_rows, kred, kr, groups, rows_per_sample, sample_tiles, combine, rank, sp=None):
+    """c [M, G*KR] = coefficients(a_g b_g^T) for every group g (see _gated_shrink_kernel); sp: the
+    tiles.ShrinkPlan (planned here when None)."""
+    if sp is None:
+        sp = tiles.plan_shrink(m_rows, kred, kr, groups, _dtype_name(a.dtype), rows_per_sample=rows_per_sample,
+                               sample_tiles=sample_tiles, num_samples=gates.shape[0])
+    _gated_shrink_kernel[sp.grid](
         a, b, scale, gates, c,
-        m_rows, kred, kr, rows_per_sample, tiles_per_sample,
+        m_rows, kred, kr, rows_per_sample, sp.tiles_per_sample,
         *a_strides, stride_ag,
         stride_br, stride_bk, stride_bg,
         stride_sg, gates.stride(0), gates.stride(1),
         c.stride(0), c.stride(1),
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, RANK=rank,
-        OFFICIAL=combine == "official", SAMPLE_TILES=sample_tiles, EVEN_K=kred % block_k == 0,
+        BLOCK_M=sp.block_m, BLOCK_K=sp.block_k, BLOCK_R=sp.block_r, RANK=rank,
+        OFFICIAL=combine == "official", SAMPLE_TILES=sample_tiles, EVEN_K=sp.even_k,
         DOT_PRECISION=_dot_precision(a.dtype), UPCAST_DOT=_upcast_dot(a.dtype),
-        num_warps=FWD_NUM_WARPS, num_stages=FWD_NUM_STAGES,
+        num_warps=tiles.SHRINK_NUM_WARPS, num_stages=tiles.SHRINK_NUM_STAGES,
     )
 
 
 def _check_row_blocks(m_tiles: int, m_rows: int, block_m: int) -> None:
-    if m_tiles > MAX_ROW_BLOCKS:
-        raise ValueError(f"{m_rows} rows need {m_tiles} row blocks of {block_m}; at most {MAX_ROW_BLOCKS} per launch "
-                         "(CUDA grid limit): split x")
+    if m_tiles > tiles.MAX_ROW_BLOCKS:
+        raise ValueError(f"{m_rows} rows need {m_tiles} row blocks of {block_m}; at most {tiles.MAX_ROW_BLOCKS} per "
+                         "launch (CUDA grid limit): split x")
+
+
+def forward_plan(m_rows, in_f, n, kr, groups, dtype, rows_per_sample, *, sample_tiles=False, num_samples=None,
+                 fused=None, device=None) -> tiles.ForwardPlan:
+    """tiles.plan_forward with this launcher's overrides (forced_config) and the architecture and
+    SM count of ``device``: the plan _launch_forward runs (tests compare it with the native
+    library's)."""
+    forced = _FORCED_CONFIG[-1] if _FORCED_CONFIG else (None, None)
+    return tiles.plan_forward(m_rows, in_f, n, kr=kr, groups=groups, dtype=_dtype_name(dtype),
+                              rows_per_sample=rows_per_sample, sample_tiles=sample_tiles, num_samples=num_samples,
+                              fused=fused, sm_count=tiles.device_sm_count(device), arch=tiles.device_arch(device),
+                              config=forced[0], forced_n_per_prog=forced[1])
 
 
 def _launch_forward(x, x_strides, m_rows, rows_per_sample, sample_tiles, weight, bias, down, up, scale, gates,
@@ -634,34 +557,21 @@ def _launch_forward(x, x_strides, m_rows, rows_per_sample, sample_tiles, weight,
     """Run the forward into y; c_out ([M, G*K*r] or None) receives the coefficients. fused: True
     (pattern A), False (pattern B) or None (the tile config of FWD_TABLE decides)."""
     in_f = weight.shape[1]
-    cfg = _fwd_config(rows_per_sample if sample_tiles else m_rows, n, x.dtype)
-    if fused is None:
-        fused = _pick_pattern("auto", kr, cfg)
-    # tiles never larger than the (power-of-two rounded) problem, and at least 16 for tl.dot
-    bm = min(cfg.block_m, _pad16(rows_per_sample if sample_tiles else m_rows))
-    bn, bk = min(cfg.block_n, _pad16(n)), min(cfg.block_k, _pad16(in_f))
+    plan = forward_plan(m_rows, in_f, n, kr, groups, x.dtype, rows_per_sample, sample_tiles=sample_tiles,
+                        num_samples=gates.shape[0], fused=fused, device=x.device)
+    _check_row_blocks(plan.grid[1], m_rows, plan.block_m)  # before any launch
     stride_sg = 0 if scale.shape[0] == gates.shape[1] else gates.shape[1]  # 0: one scale shared by groups
-    if not fused:
+    if not plan.fused:
         if c_out is None:
             c_out = torch.empty((m_rows, groups * kr), device=x.device, dtype=x.dtype)
         _launch_shrink(x, x_strides, 0, down, down.stride(0), down.stride(1), kr * down.stride(0),
                        scale, stride_sg, gates, c_out, m_rows, in_f, kr, groups, rows_per_sample,
-                       sample_tiles, combine, rank)
-        # fp32 (FMA dots): 32-wide c chunks; 64 spilled 8 B in the 64x64x32 tile under triton 3.6
-        block_r = min(LOAD_BLOCK_R if x.dtype != torch.float32 else min(LOAD_BLOCK_R, 32), _pad16(kr))
-    else:
-        block_r = _pad16(kr)
-    tiles_per_sample = triton.cdiv(rows_per_sample, bm)
-    m_tiles = gates.shape[0] * tiles_per_sample if sample_tiles else triton.cdiv(m_rows, bm)
-    _check_row_blocks(m_tiles, m_rows, bm)
-    tiles_n = triton.cdiv(n, bn)
-    # fp32 (FMA dots) keeps one N tile per program: with 2 its 64x64x32 tile spilled 88 B (sm_90)
-    n_per_prog = _n_per_prog(tiles_n, groups * m_tiles) if fused and x.dtype != torch.float32 else 1
-    grid = (groups * tiles_n // n_per_prog, m_tiles)
+                       sample_tiles, combine, rank, plan.shrink)
     c_arg = c_out if c_out is not None else y
-    _gated_spm_fwd_kernel[grid](
+    cfg = plan.config
+    _gated_spm_fwd_kernel[plan.grid](
         x, weight, bias if bias is not None else x, down, up, scale, gates, c_arg, y,
-        m_rows, n, in_f, kr, rows_per_sample, tiles_per_sample,
+        m_rows, n, in_f, kr, rows_per_sample, plan.tiles_per_sample, plan.n_per_prog,
         *x_strides,
         weight.stride(0), weight.stride(1),
         down.stride(0), down.stride(1),
@@ -669,32 +579,31 @@ def _launch_forward(x, x_strides, m_rows, rows_per_sample, sample_tiles, weight,
         stride_sg, gates.stride(0), gates.stride(1),
         c_arg.stride(0) if c_out is not None else 0, c_arg.stride(1) if c_out is not None else 0,
         *y_strides,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, RANK=rank,
+        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, BLOCK_R=plan.block_r, RANK=rank,
         HAS_BIAS=bias is not None, OFFICIAL=combine == "official",
-        FUSED_SHRINK=fused, STORE_C=fused and c_out is not None, SAMPLE_TILES=sample_tiles,
-        EVEN_K=in_f % bk == 0, DOT_PRECISION=_dot_precision(x.dtype), UPCAST_DOT=_upcast_dot(x.dtype),
-        N_PER_PROG=n_per_prog, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        FUSED_SHRINK=plan.fused, STORE_C=plan.fused and c_out is not None, SAMPLE_TILES=sample_tiles,
+        EVEN_K=plan.even_k, DOT_PRECISION=_dot_precision(x.dtype), UPCAST_DOT=_upcast_dot(x.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return c_out
 
 
-def _forward_2d(x, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank, groups, pattern,
-                store_c):
-    """x [..., in] -> (y [..., G*out], c [M, G*K*r] or None)."""
+def _forward_2d(ops: GatedOperands, pattern, store_c):
+    """ops.x [..., in] -> (y [..., G*out], c [M, G*K*r] or None)."""
+    x, weight = ops.x, ops.weight
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    x2 = ops.x2
     m_rows = x2.shape[0]
-    n, k, kr = _validate(x2, x2.shape[1], weight, bias, down, up, scale, gates, rows_per_sample, combine, rank,
-                         groups, m_rows)
+    n, k, kr = _validate(ops, x2.shape[1], m_rows)
     if x2.stride(-1) != 1:
         raise ValueError("x must have a contiguous last dimension (rows may be strided)")
     y = torch.empty((m_rows, weight.shape[0]), device=x.device, dtype=x.dtype)
-    c = torch.empty((m_rows, groups * kr), device=x.device, dtype=x.dtype) if store_c else None
+    c = torch.empty((m_rows, ops.groups * kr), device=x.device, dtype=x.dtype) if store_c else None
     if m_rows > 0:
         fused = None if pattern in (None, "auto") else _pick_pattern(pattern, kr)  # None: FWD_TABLE decides
         with _device_guard(x):
-            _launch_forward(x2, (0, x2.stride(0), x2.stride(1)), m_rows, rows_per_sample, False, weight, bias,
-                            down, up, scale, gates, combine, rank, groups, n, kr,
+            _launch_forward(x2, (0, x2.stride(0), x2.stride(1)), m_rows, ops.rows_per_sample, False, weight, ops.bias,
+                            ops.down, ops.up, ops.scale, ops.gates, ops.combine, ops.rank, ops.groups, n, kr,
                             y, (0, y.stride(0), y.stride(1)), c, fused)
     return y.reshape(*lead, weight.shape[0]), c
 
@@ -729,7 +638,7 @@ def gated_spm_linear_triton(
         >>> y.shape
         torch.Size([154, 320])
     """
-    y, _ = _forward_2d(x, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank, groups,
+    y, _ = _forward_2d(GatedOperands(x, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank, groups),
                        pattern, store_c=False)
     return y
 
@@ -774,7 +683,8 @@ def gated_spm_conv1x1_triton(
     if h > 1 and w > 1 and sh != w * sw:
         raise ValueError("x's H and W dims must flatten to one stride (NCHW or channels_last)")
     pixel_stride = sw if w > 1 else sh
-    n, k, kr = _validate(x_nchw, cin, weight, bias, down, up, scale, gates, hw, combine, rank, 1, nb * hw)
+    n, k, kr = _validate(GatedOperands(x_nchw, weight, bias, down, up, scale, gates, hw, combine, rank, 1), cin,
+                         nb * hw)
     channels_last = x_nchw.is_contiguous(memory_format=torch.channels_last) and not x_nchw.is_contiguous()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     y = torch.empty((nb, n, h, w), device=x_nchw.device, dtype=x_nchw.dtype, memory_format=fmt)
@@ -815,7 +725,7 @@ def _backward_triton(dy, x, weight, down, up, scale, gates, c, rows_per_sample, 
         grid = (triton.cdiv(in_f, bn), triton.cdiv(m_rows, bm))
         _gated_spm_fwd_kernel[grid](
             dy, weight, dy, down, down, scale, gates, dz, dx,
-            m_rows, in_f, n_total, groups * kr, rows_per_sample, 1,
+            m_rows, in_f, n_total, groups * kr, rows_per_sample, 1, 1,  # tiles_per_sample, N_PER_PROG
             0, dy.stride(0), dy.stride(1),
             weight.stride(1), weight.stride(0),
             0, 0,
@@ -823,10 +733,10 @@ def _backward_triton(dy, x, weight, down, up, scale, gates, c, rows_per_sample, 
             0, gates.stride(0), gates.stride(1),
             dz.stride(0), dz.stride(1),
             0, dx.stride(0), dx.stride(1),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=min(LOAD_BLOCK_R, _pad16(groups * kr)), RANK=rank,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=min(tiles.LOAD_BLOCK_R, _pad16(groups * kr)), RANK=rank,
             HAS_BIAS=False, OFFICIAL=False, FUSED_SHRINK=False, STORE_C=False, SAMPLE_TILES=False,
-            EVEN_K=n_total % bk == 0, DOT_PRECISION=prec, UPCAST_DOT=_upcast_dot(x.dtype), N_PER_PROG=1,
-            num_warps=FWD_NUM_WARPS, num_stages=FWD_NUM_STAGES,
+            EVEN_K=n_total % bk == 0, DOT_PRECISION=prec, UPCAST_DOT=_upcast_dot(x.dtype),
+            num_warps=tiles.FWD_NUM_WARPS, num_stages=tiles.FWD_NUM_STAGES,
         )
     if need_du:
         # dU [G*out, KR]: per group, dy_g^T c_g
@@ -843,12 +753,12 @@ def _backward_triton(dy, x, weight, down, up, scale, gates, c, rows_per_sample, 
 def _lowrank_grad(a, stride_am, stride_ap, stride_ag, b, stride_bm, stride_bq, stride_bg, m_rows, p, q, groups,
                   transpose_out=False):
     """out [G*P, Q] (or [Q, G*P] with transpose_out) = per group a_g^T b_g, reduced over M (fp32)."""
-    block_p = min(LOWRANK_BLOCK_PQ, _pad16(p))
-    block_q = min(LOWRANK_BLOCK_PQ, _pad16(q))
-    block_m = min(LOWRANK_BLOCK_M, _pad16(m_rows))
-    tiles = groups * triton.cdiv(p, block_p) * triton.cdiv(q, block_q)
+    block_p = min(tiles.LOWRANK_BLOCK_PQ, _pad16(p))
+    block_q = min(tiles.LOWRANK_BLOCK_PQ, _pad16(q))
+    block_m = min(tiles.LOWRANK_BLOCK_M, _pad16(m_rows))
+    n_tiles = groups * triton.cdiv(p, block_p) * triton.cdiv(q, block_q)
     m_blocks = triton.cdiv(m_rows, block_m)
-    splits = max(1, min(m_blocks, LOWRANK_TARGET_PROGRAMS // tiles))
+    splits = max(1, min(m_blocks, tiles.LOWRANK_TARGET_PROGRAMS // n_tiles))
     rows_per_split = triton.cdiv(m_blocks, splits) * block_m
     splits = triton.cdiv(m_rows, rows_per_split)
     if transpose_out:
@@ -865,7 +775,7 @@ def _lowrank_grad(a, stride_am, stride_ap, stride_ag, b, stride_bm, stride_bq, s
         ws.stride(0), stride_op, stride_oq,
         BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q, DOT_PRECISION=_dot_precision(a.dtype),
         UPCAST_DOT=_upcast_dot(a.dtype),
-        num_warps=FWD_NUM_WARPS, num_stages=FWD_NUM_STAGES,
+        num_warps=tiles.FWD_NUM_WARPS, num_stages=tiles.FWD_NUM_STAGES,
     )
     return ws.sum(0) if splits > 1 else ws[0]
 

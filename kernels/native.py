@@ -20,7 +20,16 @@ API:
 * ``gated_spm_linear_native(x, weight, bias, down, up, scale, gates, rows_per_sample, combine="linear",
   rank=1, groups=1, *, pattern="auto", fallback=None)``: the same signature and contract as
   ``gated_spm_linear_triton`` (forward only, fp16/bf16 CUDA tensors, no autograd).
-* ``plan(...)``: which compiled variants a call would launch on an architecture (no GPU needed).
+* ``plan(...)``: which compiled variants a call would launch on an architecture (no GPU needed):
+  the library's ``spm_plan_create`` from shapes, dtypes, strides and alignment alone.
+* ``fallbacks()`` / ``reset_fallbacks()``: how often ``fallback="triton"`` (the ``spm_rt::gated_linear_native``
+  op uses it) ran the Triton JIT instead, by reason; the first fallback of each reason is logged
+  (logger ``spm_rt.kernels.native``, WARNING), later ones at DEBUG.
+
+The forward uses the library's plan API: one plan per (shape, dtype, strides, alignment, device),
+created and prepared (kernels loaded into the device's context) on the first call with that key,
+then executed on torch's current stream; a first call inside a CUDA graph capture raises (run one
+call eagerly first: loading modules is not capturable).
 
 Errors: ``NativeUnavailableError`` (a ``NativeKernelError``, a ``RuntimeError``) means "cannot run
 here": library missing or built for another architecture or ABI, no driver/device, or no compiled
@@ -36,9 +45,11 @@ a fallback: the Triton path would reject them too); a failing CUDA call raises `
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import ctypes.util
 import json
+import logging
 import os
 import threading
 from pathlib import Path
@@ -54,22 +65,27 @@ __all__ = [
     "info",
     "plan",
     "gated_spm_linear_native",
+    "fallbacks",
+    "reset_fallbacks",
 ]
+
+log = logging.getLogger(__name__)
 
 LIBRARY_NAME = "libspm_kernels.so"
 ENV_VAR = "SPM_KERNELS_LIB"
-ABI_VERSION = 1  # SPM_KERNELS_ABI_VERSION of include/spm_kernels.h this loader speaks
+ABI_VERSION = 2  # SPM_KERNELS_ABI_VERSION of include/spm_kernels.h this loader speaks
 
 # spm_status codes (include/spm_kernels.h)
 SPM_OK = 0
 _STATUS = {
     1: "SPM_ERR_INVALID_ARGUMENT", 2: "SPM_ERR_SHAPE", 3: "SPM_ERR_UNSUPPORTED", 4: "SPM_ERR_TOO_LARGE",
     5: "SPM_ERR_WORKSPACE", 6: "SPM_ERR_NO_DRIVER", 7: "SPM_ERR_NO_DEVICE", 8: "SPM_ERR_NO_CONTEXT",
-    9: "SPM_ERR_ARCH", 10: "SPM_ERR_CUDA", 11: "SPM_ERR_INTERNAL",
+    9: "SPM_ERR_ARCH", 10: "SPM_ERR_CUDA", 11: "SPM_ERR_INTERNAL", 12: "SPM_ERR_NOT_PREPARED", 13: "SPM_ERR_VERSION",
 }
 _UNAVAILABLE = {3, 6, 7, 9}  # run elsewhere (Triton / torch) on these
 _ARGUMENT = {1, 2, 4}
 _NO_CONTEXT = 8
+_NOT_PREPARED = 12
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1}
 _COMBINES = {"linear": 0, "official": 1}
 _PATTERNS = {"auto": 0, "fused": 1, "split": 2}
@@ -107,11 +123,37 @@ class _Args(ctypes.Structure):
     ]
 
 
-class _Plan(ctypes.Structure):
+class _PlanDesc(ctypes.Structure):
+    """spm_plan_desc (include/spm_kernels.h); struct_size / version checked by the library."""
+
     _fields_ = [
-        ("fused", ctypes.c_int), ("shrink_variant", ctypes.c_int), ("forward_variant", ctypes.c_int),
-        ("shrink_grid", ctypes.c_uint * 3), ("forward_grid", ctypes.c_uint * 3),
+        ("struct_size", ctypes.c_size_t), ("version", ctypes.c_int32),
+        ("dtype", ctypes.c_int), ("combine", ctypes.c_int), ("pattern", ctypes.c_int),
+        ("m", ctypes.c_int64), ("in_features", ctypes.c_int64), ("out_features", ctypes.c_int64),
+        ("ldx", ctypes.c_int64), ("ldy", ctypes.c_int64), ("rows_per_sample", ctypes.c_int64),
+        ("ld_gates", ctypes.c_int64), ("gates_broadcast", ctypes.c_int32),
+        ("num_spms", ctypes.c_int32), ("rank", ctypes.c_int32), ("groups", ctypes.c_int32),
+        ("scale_per_group", ctypes.c_int32), ("has_bias", ctypes.c_int32), ("alignment", ctypes.c_uint32),
+        ("arch", ctypes.c_int32), ("sm_count", ctypes.c_int32),
+    ]
+
+
+class _PlanInfo(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t), ("version", ctypes.c_int32), ("arch", ctypes.c_int32),
+        ("sm_count", ctypes.c_int32), ("fused", ctypes.c_int32), ("shrink_variant", ctypes.c_int32),
+        ("forward_variant", ctypes.c_int32), ("n_per_prog", ctypes.c_int32),
+        ("shrink_grid", ctypes.c_uint32 * 3), ("forward_grid", ctypes.c_uint32 * 3),
         ("workspace_bytes", ctypes.c_size_t),
+    ]
+
+
+class _Pointers(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t), ("version", ctypes.c_int32),
+        ("x", ctypes.c_void_p), ("weight", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("down", ctypes.c_void_p),
+        ("up", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("gates", ctypes.c_void_p), ("y", ctypes.c_void_p),
+        ("workspace", ctypes.c_void_p), ("workspace_bytes", ctypes.c_size_t),
     ]
 
 
@@ -190,10 +232,22 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.spm_status_string.restype = c.c_char_p
     lib.spm_gated_linear_forward.argtypes = [c.c_void_p, c.POINTER(_Args)]
     lib.spm_gated_linear_forward.restype = c.c_int
-    lib.spm_gated_linear_workspace_size.argtypes = [c.POINTER(_Args), c.POINTER(c.c_size_t)]
-    lib.spm_gated_linear_workspace_size.restype = c.c_int
-    lib.spm_gated_linear_plan.argtypes = [c.POINTER(_Args), c.c_int, c.POINTER(_Plan)]
-    lib.spm_gated_linear_plan.restype = c.c_int
+    lib.spm_plan_desc_init.argtypes = [c.POINTER(_PlanDesc)]
+    lib.spm_plan_desc_init.restype = None
+    lib.spm_plan_info_init.argtypes = [c.POINTER(_PlanInfo)]
+    lib.spm_plan_info_init.restype = None
+    lib.spm_pointers_init.argtypes = [c.POINTER(_Pointers)]
+    lib.spm_pointers_init.restype = None
+    lib.spm_plan_create.argtypes = [c.POINTER(_PlanDesc), c.POINTER(c.c_void_p)]
+    lib.spm_plan_create.restype = c.c_int
+    lib.spm_plan_get_info.argtypes = [c.c_void_p, c.POINTER(_PlanInfo)]
+    lib.spm_plan_get_info.restype = c.c_int
+    lib.spm_plan_prepare.argtypes = [c.c_void_p, c.c_void_p]
+    lib.spm_plan_prepare.restype = c.c_int
+    lib.spm_plan_execute.argtypes = [c.c_void_p, c.POINTER(_Pointers), c.c_void_p]
+    lib.spm_plan_execute.restype = c.c_int
+    lib.spm_plan_destroy.argtypes = [c.c_void_p]
+    lib.spm_plan_destroy.restype = None
 
 
 def _raise(lib: ctypes.CDLL, status: int, what: str):
@@ -258,8 +312,9 @@ def is_available(device=None) -> bool:
     return unavailable_reason(device) is None
 
 
-def _fill_args(m, in_features, out_features, ldx, ldy, num_spms, rank, groups, rows_per_sample, scale_per_group,
-               dtype, combine, pattern, ptrs) -> _Args:
+def _make_desc(lib, m, in_features, out_features, ldx, ldy, num_spms, rank, groups, rows_per_sample,
+               scale_per_group, dtype, combine, pattern, has_bias, alignment, arch, sm_count, ld_gates=0,
+               gates_broadcast=False) -> _PlanDesc:
     if combine not in _COMBINES:
         raise ValueError(f"combine must be one of {tuple(_COMBINES)}, got {combine!r}")
     if pattern not in _PATTERNS:
@@ -267,39 +322,57 @@ def _fill_args(m, in_features, out_features, ldx, ldy, num_spms, rank, groups, r
     if dtype not in _DTYPES:
         raise NativeUnavailableError(f"the native kernels are compiled for float16 and bfloat16, not {dtype}",
                                      "SPM_ERR_UNSUPPORTED")
-    a = _Args()
-    for k, v in ptrs.items():
-        setattr(a, k, v)
-    a.m, a.in_features, a.out_features, a.ldx, a.ldy = m, in_features, out_features, ldx, ldy
-    a.rows_per_sample, a.num_spms, a.rank, a.groups = rows_per_sample, num_spms, rank, groups
-    a.scale_per_group = int(scale_per_group)
-    a.dtype, a.combine, a.pattern = _DTYPES[dtype], _COMBINES[combine], _PATTERNS[pattern]
-    return a
+    d = _PlanDesc()
+    lib.spm_plan_desc_init(ctypes.byref(d))
+    d.dtype, d.combine, d.pattern = _DTYPES[dtype], _COMBINES[combine], _PATTERNS[pattern]
+    d.m, d.in_features, d.out_features, d.ldx, d.ldy = m, in_features, out_features, ldx, ldy
+    d.rows_per_sample, d.ld_gates, d.gates_broadcast = rows_per_sample, ld_gates, int(gates_broadcast)
+    d.num_spms, d.rank, d.groups, d.scale_per_group = num_spms, rank, groups, int(scale_per_group)
+    d.has_bias, d.alignment, d.arch, d.sm_count = int(has_bias), alignment, arch, sm_count
+    return d
+
+
+class _NativePlan:
+    """An spm_plan handle (destroyed with this object) and what it runs."""
+
+    def __init__(self, lib, desc: _PlanDesc):
+        self.lib, self.handle, self.prepared = lib, ctypes.c_void_p(), False
+        status = lib.spm_plan_create(ctypes.byref(desc), ctypes.byref(self.handle))
+        if status != SPM_OK:
+            _raise(lib, status, "spm_plan_create")
+        pi = _PlanInfo()
+        lib.spm_plan_info_init(ctypes.byref(pi))
+        status = lib.spm_plan_get_info(self.handle, ctypes.byref(pi))
+        if status != SPM_OK:
+            _raise(lib, status, "spm_plan_get_info")
+        self.info = pi
+
+    def __del__(self):
+        if getattr(self, "handle", None) and self.handle.value:
+            self.lib.spm_plan_destroy(self.handle)
+            self.handle = ctypes.c_void_p()
 
 
 def plan(m: int, in_features: int, out_features: int, num_spms: int, rank: int = 1, groups: int = 1, *,
          rows_per_sample: int | None = None, dtype: torch.dtype = torch.float16, combine: str = "linear",
-         has_bias: bool = True, pattern: str = "auto", arch: int = 90) -> dict:
-    """The variants a forward of this shape launches on ``arch`` (no GPU needed; for tests and logs).
+         has_bias: bool = True, pattern: str = "auto", arch: int = 90, sm_count: int = 0,
+         alignment: int = 256) -> dict:
+    """What a forward of this shape runs on ``arch`` (no GPU needed; for tests and logs).
 
-    Assumes contiguous, 256-byte aligned tensors (what torch allocates). Returns
-    ``{"fused", "shrink", "forward", "shrink_grid", "forward_grid", "workspace_bytes"}``.
+    The library's ``spm_plan_create`` from shapes, dtypes, contiguous strides and ``alignment``
+    (bytes every pointer is aligned to: torch allocations are 256) alone; ``sm_count`` 0 means the
+    table's default (132). Returns ``{"fused", "shrink", "forward", "shrink_grid", "forward_grid",
+    "n_per_prog", "workspace_bytes", "sm_count", "variants"}`` (the variants' info dicts).
 
     Example::
 
         >>> plan(8192, 320, 320, 16)["forward"]  # doctest: +SKIP
-        'fwd_fused_linear_r1_R16_bias_aligned_M128_fp16_sm90'
+        'fwd_fused_linear_r1_R16_bias_aligned_M64N64w4_fp16_sm90'
     """
     lib = _load()
-    fake = {k: 0x100000 * (i + 1) for i, k in enumerate(("x", "weight", "bias", "down", "up", "scale", "gates", "y"))}
-    if not has_bias:
-        fake["bias"] = None
-    a = _fill_args(m, in_features, out_features, in_features, groups * out_features, num_spms, rank, groups,
-                   rows_per_sample or max(m, 1), False, dtype, combine, pattern, fake)
-    p = _Plan()
-    status = lib.spm_gated_linear_plan(ctypes.byref(a), arch, ctypes.byref(p))
-    if status != SPM_OK:
-        _raise(lib, status, "spm_gated_linear_plan")
+    d = _make_desc(lib, m, in_features, out_features, in_features, groups * out_features, num_spms, rank, groups,
+                   rows_per_sample or max(m, 1), False, dtype, combine, pattern, has_bias, alignment, arch, sm_count)
+    p = _NativePlan(lib, d).info
     variants = info()["variants"]
     return {
         "fused": bool(p.fused),
@@ -307,21 +380,57 @@ def plan(m: int, in_features: int, out_features: int, num_spms: int, rank: int =
         "forward": variants[p.forward_variant]["name"],
         "shrink_grid": None if p.fused else tuple(p.shrink_grid),
         "forward_grid": tuple(p.forward_grid),
+        "n_per_prog": int(p.n_per_prog),
         "workspace_bytes": int(p.workspace_bytes),
+        "sm_count": int(p.sm_count),
+        "variants": {"forward": variants[p.forward_variant],
+                     "shrink": None if p.fused else variants[p.shrink_variant]},
     }
 
 
-def _check_tensors(x2, weight, bias, down, up, scale, gates, rows_per_sample, rank, groups):
-    """The tensor facts the C API cannot see (it gets pointers and sizes): returns (out, K)."""
-    from spm_rt.kernels.reference import check_operand_shapes, check_operand_types
+# ---------------------------------------------------------------------------------------------
+# Fallback accounting: gated_spm_linear_native(..., fallback="triton") never falls back silently.
 
-    if not isinstance(rows_per_sample, int) or rows_per_sample < 1:
-        raise ValueError(f"rows_per_sample must be a positive int, got {rows_per_sample!r}")
-    check_operand_types(x2, weight, bias, down, up, scale, gates, rank, groups, gates_contiguous=True)
-    if not x2.is_cuda:
-        raise ValueError(f"the native path needs CUDA tensors (got {x2.device}); use gated_spm_linear_ref on CPU")
-    n, k, _ = check_operand_shapes(x2.shape[1], x2.shape[0], weight, bias, down, up, scale, gates, rows_per_sample,
-                                   rank, groups)
+_fallbacks: collections.Counter = collections.Counter()
+
+
+def fallbacks() -> dict[str, int]:
+    """How many native calls ran the Triton JIT instead, by reason (the spm_status name, or
+    ``"library unavailable"``).
+
+    Example::
+
+        >>> fallbacks()  # doctest: +SKIP
+        {'SPM_ERR_UNSUPPORTED': 3}
+    """
+    with _lock:
+        return dict(_fallbacks)
+
+
+def reset_fallbacks() -> None:
+    """Zero the fallback counters (the next fallback of each reason is logged at WARNING again)."""
+    with _lock:
+        _fallbacks.clear()
+
+
+def _count_fallback(exc: NativeUnavailableError) -> None:
+    reason = exc.status or "library unavailable"
+    with _lock:
+        _fallbacks[reason] += 1
+        first = _fallbacks[reason] == 1
+    log.log(logging.WARNING if first else logging.DEBUG,
+            "native gated projection unavailable, running the Triton JIT instead (%s): %s", reason, exc)
+
+
+def _check_tensors(ops) -> tuple[int, int]:
+    """The tensor facts the C API cannot see (it gets pointers and sizes): returns (out, K)."""
+    if not isinstance(ops.rows_per_sample, int) or ops.rows_per_sample < 1:
+        raise ValueError(f"rows_per_sample must be a positive int, got {ops.rows_per_sample!r}")
+    # gates may be strided (an expand()ed [1, K] -> [B, K] has row stride 0): the kernels take a row stride
+    ops.check_types(gates_contiguous=False)
+    if not ops.x.is_cuda:
+        raise ValueError(f"the native path needs CUDA tensors (got {ops.x.device}); use gated_spm_linear_ref on CPU")
+    n, k, _ = ops.shapes()
     return n, k
 
 
@@ -332,20 +441,21 @@ def gated_spm_linear_native(
     down: torch.Tensor,  # [G*K*r, in]
     up: torch.Tensor,  # [G*out, K*r]
     scale: torch.Tensor,  # [K] (shared by the groups) or [G*K], float32
-    gates: torch.Tensor,  # [B, K] float32; M = B * rows_per_sample
+    gates: torch.Tensor,  # [B, K] float32, any row stride (0: one gate row for all); M = B * rows_per_sample
     rows_per_sample: int,
     combine: str = "linear",
     rank: int = 1,
     groups: int = 1,
     *,
-    pattern: str = "auto",  # "fused", "split" or "auto" (the Triton launcher's rule)
+    pattern: str = "auto",  # "fused", "split" or "auto" (the tile table's rule, as the Triton launcher)
     fallback: str | None = None,  # "triton": run gated_spm_linear_triton on NativeUnavailableError
 ) -> torch.Tensor:
     """``y = x W^T + b + coefficients(x D^T) U^T`` -> [..., G*out] with the AOT-compiled kernels.
 
     Same contract as ``gated_spm_linear_triton`` (forward only, no autograd), launched on the
     current torch stream of x's device. Raises NativeUnavailableError where the native path
-    cannot run (see the module docstring) unless ``fallback="triton"``.
+    cannot run (see the module docstring) unless ``fallback="triton"``, which runs the Triton JIT
+    instead and counts it (``fallbacks()``) and logs it.
 
     Example::
 
@@ -357,50 +467,115 @@ def gated_spm_linear_native(
     """
     if fallback not in (None, "triton"):
         raise ValueError(f"fallback must be None or 'triton', got {fallback!r}")
+    from spm_rt.kernels.reference import GatedOperands
+
+    ops = GatedOperands(x, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank, groups)
     try:
-        return _forward(x, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank, groups, pattern)
-    except NativeUnavailableError:
+        return _forward(ops, pattern)
+    except NativeUnavailableError as exc:
         if fallback is None:
             raise
+        _count_fallback(exc)
     from spm_rt.kernels.gated_linear import gated_spm_linear_triton  # imports triton: only on fallback
 
-    return gated_spm_linear_triton(x, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank, groups,
-                                   pattern=pattern)
+    return gated_spm_linear_triton(*ops.astuple(), pattern=pattern)
 
 
-def _forward(x, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank, groups, pattern):
+_PLAN_CACHE_SIZE = 256
+_prepare_lock = threading.Lock()
+_plans: collections.OrderedDict = collections.OrderedDict()  # key -> _NativePlan (LRU)
+
+
+def _alignment(*tensors) -> int:
+    """The largest power of two (<= 256) dividing every pointer."""
+    bits = 256
+    for t in tensors:
+        if t is not None:
+            bits |= t.data_ptr()
+    return bits & -bits
+
+
+def _device_plan(lib, key, desc_args, device) -> _NativePlan:
+    with _lock:
+        p = _plans.get(key)
+        if p is not None:
+            _plans.move_to_end(key)
+            return p
+    p = _NativePlan(lib, _make_desc(lib, *desc_args))
+    with _lock:
+        _plans[key] = p
+        while len(_plans) > _PLAN_CACHE_SIZE:
+            _plans.popitem(last=False)
+    return p
+
+
+def _prepare(lib, p: _NativePlan, stream: int, device) -> None:
+    if torch.cuda.is_current_stream_capturing():
+        raise NativeKernelError("the native plan for this shape is not prepared and a CUDA graph capture is running: "
+                                "run one call eagerly first (loading kernels cannot be captured)")
+    status = lib.spm_plan_prepare(p.handle, ctypes.c_void_p(stream))
+    if status == _NO_CONTEXT:  # a thread where torch has not made the device's context current yet
+        torch.cuda.synchronize(device)
+        status = lib.spm_plan_prepare(p.handle, ctypes.c_void_p(stream))
+    if status != SPM_OK:
+        _raise(lib, status, "spm_plan_prepare")
+    p.prepared = True
+
+
+def _forward(ops, pattern):
     lib = _load()
+    x, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank, groups = ops.astuple()
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
-    out, k = _check_tensors(x2, weight, bias, down, up, scale, gates, rows_per_sample, rank, groups)
+    x2 = ops.x2
+    out, k = _check_tensors(ops)
     if x2.stride(-1) != 1:
         raise ValueError("x must have a contiguous last dimension (rows may be strided)")
+    if gates.shape[1] > 1 and gates.stride(1) != 1:
+        gates = gates.contiguous()  # [B, K]: a few bytes; the kernels take any row stride, not a column stride
     m, in_f = x2.shape
     ldx = x2.stride(0) if m > 1 else in_f
     n_total = weight.shape[0]
     y = torch.empty((m, n_total), device=x.device, dtype=x.dtype)
     if m == 0:
         return y.reshape(*lead, n_total)
-    ptrs = {"x": x2.data_ptr(), "weight": weight.data_ptr(), "bias": bias.data_ptr() if bias is not None else None,
-            "down": down.data_ptr(), "up": up.data_ptr(), "scale": scale.data_ptr(), "gates": gates.data_ptr(),
-            "y": y.data_ptr()}
-    a = _fill_args(m, in_f, out, ldx, n_total, k, rank, groups, rows_per_sample, scale.shape[0] != k, x.dtype,
-                   combine, pattern, ptrs)
-    ws_bytes = ctypes.c_size_t(0)
-    status = lib.spm_gated_linear_workspace_size(ctypes.byref(a), ctypes.byref(ws_bytes))
+    if x.dtype not in _DTYPES:
+        raise NativeUnavailableError(f"the native kernels are compiled for float16 and bfloat16, not {x.dtype}",
+                                     "SPM_ERR_UNSUPPORTED")
+    broadcast = gates.shape[0] > 1 and gates.stride(0) == 0
+    ld_gates = 0 if broadcast else (gates.stride(0) if gates.shape[0] > 1 else k)
+    align = min(16, _alignment(x2, weight, bias, down, up, scale, gates, y))  # 16 is all the variants ask
+    dev = x.device
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    arch = lib.spm_kernels_arch_for_cc(major * 10 + minor)
+    if not arch:
+        raise NativeUnavailableError(unavailable_reason(dev) or f"no kernels for sm_{major}{minor}", "SPM_ERR_ARCH")
+    from spm_rt.kernels.tiles import device_sm_count
+
+    desc_args = (m, in_f, out, ldx, n_total, k, rank, groups, rows_per_sample, scale.shape[0] != k, x.dtype, combine,
+                 pattern, bias is not None, align, arch, device_sm_count(dev), ld_gates, broadcast)
+    p = _device_plan(lib, (index,) + desc_args, desc_args, dev)
+    with torch.cuda.device(dev):
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        if not p.prepared:
+            with _prepare_lock:  # one thread loads a plan's modules; the others wait for it
+                if not p.prepared:
+                    _prepare(lib, p, stream, dev)
+        workspace = None
+        ptrs = _Pointers()
+        lib.spm_pointers_init(ctypes.byref(ptrs))
+        ptrs.x, ptrs.weight, ptrs.down, ptrs.up = x2.data_ptr(), weight.data_ptr(), down.data_ptr(), up.data_ptr()
+        ptrs.bias = bias.data_ptr() if bias is not None else None
+        ptrs.scale, ptrs.gates, ptrs.y = scale.data_ptr(), gates.data_ptr(), y.data_ptr()
+        if p.info.workspace_bytes:
+            # from torch's caching allocator: reused only by later work on this stream
+            workspace = torch.empty(p.info.workspace_bytes, device=dev, dtype=torch.uint8)
+            ptrs.workspace, ptrs.workspace_bytes = workspace.data_ptr(), p.info.workspace_bytes
+        status = lib.spm_plan_execute(p.handle, ctypes.byref(ptrs), ctypes.c_void_p(stream))
+        if status == _NOT_PREPARED:  # the context changed under the plan (recreated): load again
+            with _prepare_lock:
+                _prepare(lib, p, stream, dev)
+            status = lib.spm_plan_execute(p.handle, ctypes.byref(ptrs), ctypes.c_void_p(stream))
     if status != SPM_OK:
-        _raise(lib, status, "spm_gated_linear_workspace_size")
-    workspace = None
-    if ws_bytes.value:
-        workspace = torch.empty(ws_bytes.value, device=x.device, dtype=torch.uint8)  # from torch's caching allocator
-        a.workspace, a.workspace_bytes = workspace.data_ptr(), ws_bytes.value
-    with torch.cuda.device(x.device):
-        stream = torch.cuda.current_stream(x.device).cuda_stream
-        status = lib.spm_gated_linear_forward(ctypes.c_void_p(stream), ctypes.byref(a))
-        if status == _NO_CONTEXT:  # a thread where torch has not made the device's context current yet
-            torch.cuda.synchronize(x.device)
-            status = lib.spm_gated_linear_forward(ctypes.c_void_p(stream), ctypes.byref(a))
-    if status != SPM_OK:
-        _raise(lib, status, "spm_gated_linear_forward")
-    # the workspace may be freed now: the caching allocator reuses it only in later work on this stream
+        _raise(lib, status, "spm_plan_execute")
     return y.reshape(*lead, n_total)

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from spm_rt.kernels.reference import gated_spm_linear_bwd_ref, gated_spm_linear_torch
+from spm_rt.kernels.reference import GatedOperands, gated_spm_linear_bwd_ref, gated_spm_linear_torch
 
 
 # The module holding the kernels and launchers. Tests that run the Triton interpreter in a process
@@ -57,12 +57,11 @@ def gated_linear_op(
     groups: int,
     store_c: bool,
 ) -> tuple[Tensor, Tensor]:
+    ops = GatedOperands(x, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank, groups)
     if x.dtype == torch.float64:
-        y, c = gated_spm_linear_torch(x, weight, bias, down, up, scale.double(), gates.double(), rows_per_sample,
-                                      combine, rank, groups)
+        y, c = gated_spm_linear_torch(*ops.replace(scale=scale.double(), gates=gates.double()).astuple())
     else:
-        y, c = _impl()._forward_2d(x, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank, groups,
-                                   "auto", store_c=store_c)
+        y, c = _impl()._forward_2d(ops, "auto", store_c=store_c)
     return y, (c if store_c and c is not None else x.new_empty(0))
 
 
@@ -183,8 +182,8 @@ def gated_linear_native_op(
     the case (fp32, another rank, ...) the Triton kernels run instead."""
     from spm_rt.kernels import native
 
-    return native.gated_spm_linear_native(x, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank,
-                                          groups, fallback="triton")
+    ops = GatedOperands(x, weight, bias, down, up, scale, gates, rows_per_sample, combine, rank, groups)
+    return native.gated_spm_linear_native(*ops.astuple(), fallback="triton")
 
 
 @gated_linear_native_op.register_fake

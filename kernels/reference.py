@@ -23,13 +23,70 @@ with ``sample(row) = row // rows_per_sample`` and the coefficients
 
 Also here, importable without triton (the CPU fallback and the float64 path of the custom ops):
 the grouped forward and backward in torch (``gated_spm_linear_torch``,
-``gated_spm_linear_bwd_ref``) that the Triton kernels implement.
+``gated_spm_linear_bwd_ref``) that the Triton kernels implement, and ``GatedOperands``, the one
+record of the op's operands that the launchers (Triton, native, custom ops) pass around.
 """
 from __future__ import annotations
+
+import dataclasses
+from typing import Optional
 
 import torch
 
 COMBINES = ("linear", "official")
+
+
+@dataclasses.dataclass(frozen=True)
+class GatedOperands:
+    """The operands of one gated projection (G groups of K stacked rank-r SPMs), in the order every
+    public launcher takes them: ``f(x, weight, bias, down, up, scale, gates, rows_per_sample,
+    combine, rank, groups)``.
+
+    Example::
+
+        >>> x, W = torch.randn(6, 8), torch.randn(4, 8)
+        >>> ops = GatedOperands(x, W, None, torch.randn(2, 8), torch.randn(4, 2), torch.ones(2),
+        ...                     torch.ones(2, 2), rows_per_sample=3)
+        >>> ops.shapes()  # (out per group, K, K*r)
+        (4, 2, 2)
+        >>> y, c = gated_spm_linear_torch(*ops.astuple())
+    """
+
+    x: torch.Tensor  # [M, in] (or [..., in])
+    weight: torch.Tensor  # [G*out, in]
+    bias: Optional[torch.Tensor]  # [G*out]
+    down: torch.Tensor  # [G*K*r, in]
+    up: torch.Tensor  # [G*out, K*r]
+    scale: torch.Tensor  # [K] or [G*K], float32
+    gates: torch.Tensor  # [B, K] float32; M = B * rows_per_sample
+    rows_per_sample: int
+    combine: str = "linear"
+    rank: int = 1
+    groups: int = 1
+
+    def astuple(self) -> tuple:
+        """The 11 operands in launcher order (shallow: the tensors themselves)."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def replace(self, **changes) -> "GatedOperands":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def x2(self) -> torch.Tensor:
+        """x as [M, in] (a view where possible)."""
+        return self.x.reshape(-1, self.x.shape[-1]) if self.x.dim() != 2 else self.x
+
+    def check_types(self, *, gates_contiguous: bool, x: torch.Tensor | None = None) -> None:
+        """check_operand_types on these operands (x: the tensor whose dtype and device rule)."""
+        check_operand_types(self.x if x is None else x, self.weight, self.bias, self.down, self.up, self.scale,
+                            self.gates, self.rank, self.groups, gates_contiguous=gates_contiguous)
+
+    def shapes(self, x_features: int | None = None, m_rows: int | None = None) -> tuple[int, int, int]:
+        """check_operand_shapes: (out per group, K, K*r); x's features and rows unless given."""
+        x2 = self.x2
+        return check_operand_shapes(x2.shape[1] if x_features is None else x_features,
+                                    x2.shape[0] if m_rows is None else m_rows, self.weight, self.bias, self.down,
+                                    self.up, self.scale, self.gates, self.rows_per_sample, self.rank, self.groups)
 
 
 def gate_coefficients(

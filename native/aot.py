@@ -2,35 +2,40 @@
 
 Two commands:
 
-    python native/aot.py header --out DIR/spm_kernel_args.h
+    python native/aot.py header --out DIR/spm_kernel_args.h      (also writes DIR/spm_tile_table.h)
     python native/aot.py variants --arch 90 --dtype fp16 --ranks 1 --out DIR/spm_variants_sm90_fp16.c
 
-``header`` writes the kernels' argument lists as C enums (one per kernel, from the ``@triton.jit``
-signatures in kernels/gated_linear.py) and the tuning constants the C variant picker mirrors.
-``variants`` compiles every variant of one (architecture, dtype) with
-``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` -- no GPU needed -- and
-writes a C file holding the cubins as byte arrays plus a table of ``spm_kernel_variant`` rows
-(constexprs, launch parameters, runtime argument order). The C runtime loads the cubins with the
-CUDA driver (cuModuleLoadData) at first use.
+One source of truth: the tiles come from ``kernels/tiles.py``, the table the Triton JIT launcher
+plans every forward with. ``header`` writes the kernels' argument lists as C enums (from the
+``@triton.jit`` signatures in kernels/gated_linear.py) and ``spm_tile_table.h``: FWD_TABLE and the
+planning constants as C data, which the C picker (native/src/spm_kernels.c) walks with the same
+rule as ``tiles.plan_forward``. ``variants`` compiles, for one (architecture, dtype), every kernel
+that table can ask for, with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``
+-- no GPU needed -- and writes a C file holding the cubins as byte arrays plus a table of
+``spm_kernel_variant`` rows (constexprs, launch parameters, runtime argument order). The C
+runtime loads the cubins with the CUDA driver (cuModuleLoadData) in ``spm_plan_prepare``.
+tests/test_native.py checks that the library plans the kernel the JIT launcher runs for every
+shape of the GPU check.
 
 Why not triton.tools.compile/link: its generated C links libcuda and calls exit() on a CUDA error;
 the library must reach the driver through dlopen and report errors as codes.
 
-The variant set (per arch and dtype), kept small so the build takes about a minute on 2 cores:
+The variant set (per arch and dtype), from the arch's table (tiles.table_for: FWD_TABLE from sm_90
+on, FWD_TABLE_SM80 below):
 
-* fwd fused   (FUSED_SHRINK): combine x rank x BLOCK_R {16, 32} x bias x {aligned M128, aligned M64,
-  generic M64}
-* fwd split   (c read from the workspace, BLOCK_R = 64 chunks): bias x {aligned M128, aligned M64,
-  generic M64}
-* shrink      (writes c for the split pattern): combine x rank x BLOCK_R {64, 128} x {aligned, generic}
+* fwd fused   (FUSED_SHRINK), per table config: combine x rank x BLOCK_R (16 .. the config's
+  fused_max_rank) x bias; N_PER_PROG is a runtime argument (one binary loops over any count);
+* fwd split   (c read from the workspace, BLOCK_R = LOAD_BLOCK_R chunks), per table config: bias;
+* shrink      (writes c for the split pattern): combine x rank x BLOCK_R {64, 128};
+* generic     (masked, 8 warps, the catch-all row's tile): split forward x bias and the shrinks,
+  for shapes the "aligned" variants cannot take (the JIT would compile a specialisation there).
 
 "aligned" variants assume what SD shapes give: in % 64 == 0 (EVEN_K), out % 16 == 0, row strides
 % 16 == 0 and 16-byte aligned pointers (Triton's divisibility specialisation, as the JIT would
-pick it), and the split-pattern ones also K*r % 16 == 0; "generic" ones assume nothing (masked K
-loop, 8 warps) and serve every other shape. Strides of
-contiguous dimensions are compiled as the constant 1 (as the JIT specialises them), so weight,
-down, up, bias, scale and gates must be contiguous and x / y need a contiguous last dimension.
-The grouped q/k/v launch (groups=3) is a grid dimension, not a variant.
+pick it), and the split-pattern ones also K*r % 16 == 0. Strides of contiguous dimensions are
+compiled as the constant 1 (as the JIT specialises them), so weight, down, up, bias and scale
+must be contiguous, gates need a contiguous last dimension (any row stride, 0 included) and
+x / y a contiguous last dimension. The grouped q/k/v launch (groups=3) is a grid dimension.
 """
 from __future__ import annotations
 
@@ -63,15 +68,14 @@ ALIGNED_KR_INTS = {
 # The masked "generic" variants run 8 warps: with 4 their per-element address arithmetic spilled
 # (128-3000 byte stacks); with 8, none on sm_90 and 8 bytes in one sm_80 variant.
 GENERIC_NUM_WARPS = 8
+GENERIC_NUM_STAGES = 3
 FP32_POINTERS = ("scale_ptr", "gates_ptr")
 KERNELS = {"_gated_spm_fwd_kernel": "SPM_KERNEL_FWD", "_gated_shrink_kernel": "SPM_KERNEL_SHRINK"}
 SHORT = {"_gated_spm_fwd_kernel": "FWD", "_gated_shrink_kernel": "SHRINK"}
 DTYPES = {"fp16": "SPM_DTYPE_FLOAT16", "bf16": "SPM_DTYPE_BFLOAT16"}
-FUSED_BLOCK_R = (16, 32)
+# The split pattern's shrink widths: K*r up to 128 (the fused pattern takes K*r up to each table
+# config's fused_max_rank, 64 today, so "auto" splits only above it).
 SHRINK_BLOCK_R = (64, 128)
-# (aligned, BLOCK_M) layouts of the forward kernel: M128 for large M, M64 below FWD_SMALL_M_BELOW
-# rows (as the JIT launcher picks), and one masked fallback for every other shape.
-FWD_LAYOUTS = ((True, 128), (True, 64), (False, 64))
 
 
 def load_kernels(repo: str):
@@ -89,35 +93,60 @@ def load_kernels(repo: str):
     return importlib.import_module("spm_rt.kernels.gated_linear")
 
 
-def variant_specs(gl, ranks):
-    """Every (kernel, constexprs, aligned) to build for one arch/dtype."""
+def table_configs(tiles, arch):
+    """The distinct 16-bit forward configurations of the arch's table, in table order."""
+    return list(dict.fromkeys(cfg for _, _, cfg in tiles.table_for(arch)))
+
+
+def generic_config(tiles):
+    """The masked fallback's tile: the catch-all (last) row's, with GENERIC_NUM_WARPS warps."""
+    return tiles.FWD_TABLE[-1][2]._replace(num_warps=GENERIC_NUM_WARPS, num_stages=GENERIC_NUM_STAGES)
+
+
+def fused_block_rs(cfg):
+    """BLOCK_R values (pad16(K*r)) the fused pattern can take under this config."""
+    out, r = [], 16
+    while r <= cfg.fused_max_rank:
+        out.append(r)
+        r *= 2
+    return out
+
+
+def variant_specs(gl, ranks, arch):
+    """Every variant to build for one arch/dtype: dicts of kernel, constexprs, aligned, warps, stages."""
+    tiles = gl.tiles
     common = dict(DOT_PRECISION="tf32", UPCAST_DOT=False)  # tf32 is ignored for 16-bit inputs
-    # one N tile per program: the C launcher's grid is (G * N tiles, row blocks)
-    fwd_common = dict(common, N_PER_PROG=1) if "N_PER_PROG" in gl._gated_spm_fwd_kernel.arg_names else common
     specs = []
-    for official in (False, True):
-        for rank in ranks:
-            for block_r in FUSED_BLOCK_R:
-                for has_bias in (False, True):
-                    for aligned, block_m in FWD_LAYOUTS:
-                        specs.append(("_gated_spm_fwd_kernel", dict(
-                            BLOCK_M=block_m, BLOCK_N=gl.FWD_BLOCK_N, BLOCK_K=gl.FWD_BLOCK_K, BLOCK_R=block_r,
-                            RANK=rank, HAS_BIAS=has_bias, OFFICIAL=official, FUSED_SHRINK=True, STORE_C=False,
-                            SAMPLE_TILES=False, EVEN_K=aligned, **fwd_common), aligned))
-    for has_bias in (False, True):
-        for aligned, block_m in FWD_LAYOUTS:
+
+    def fwd(cfg, aligned, **kw):
+        specs.append(dict(kernel="_gated_spm_fwd_kernel", aligned=aligned, num_warps=cfg.num_warps,
+                          num_stages=cfg.num_stages, constexprs=dict(
+                              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STORE_C=False,
+                              SAMPLE_TILES=False, EVEN_K=aligned, **common, **kw)))
+
+    for cfg in table_configs(tiles, arch):
+        for official in (False, True):
+            for rank in ranks:
+                for block_r in fused_block_rs(cfg):
+                    for has_bias in (False, True):
+                        fwd(cfg, True, BLOCK_R=block_r, RANK=rank, HAS_BIAS=has_bias, OFFICIAL=official,
+                            FUSED_SHRINK=True)
+        for has_bias in (False, True):
             # OFFICIAL and RANK are unused when c is loaded: compiled once with the defaults
-            specs.append(("_gated_spm_fwd_kernel", dict(
-                BLOCK_M=block_m, BLOCK_N=gl.FWD_BLOCK_N, BLOCK_K=gl.FWD_BLOCK_K, BLOCK_R=gl.LOAD_BLOCK_R, RANK=1,
-                HAS_BIAS=has_bias, OFFICIAL=False, FUSED_SHRINK=False, STORE_C=False, SAMPLE_TILES=False,
-                EVEN_K=aligned, **fwd_common), aligned))
+            fwd(cfg, True, BLOCK_R=tiles.LOAD_BLOCK_R, RANK=1, HAS_BIAS=has_bias, OFFICIAL=False, FUSED_SHRINK=False)
+    gen = generic_config(tiles)
+    for has_bias in (False, True):
+        fwd(gen, False, BLOCK_R=tiles.LOAD_BLOCK_R, RANK=1, HAS_BIAS=has_bias, OFFICIAL=False, FUSED_SHRINK=False)
     for official in (False, True):
         for rank in ranks:
             for block_r in SHRINK_BLOCK_R:
                 for aligned in (True, False):
-                    specs.append(("_gated_shrink_kernel", dict(
-                        BLOCK_M=gl._shrink_block_m(block_r), BLOCK_K=gl.SHRINK_BLOCK_K, BLOCK_R=block_r, RANK=rank,
-                        OFFICIAL=official, SAMPLE_TILES=False, EVEN_K=aligned, **common), aligned))
+                    specs.append(dict(
+                        kernel="_gated_shrink_kernel", aligned=aligned,
+                        num_warps=tiles.SHRINK_NUM_WARPS if aligned else GENERIC_NUM_WARPS,
+                        num_stages=tiles.SHRINK_NUM_STAGES, constexprs=dict(
+                            BLOCK_M=tiles.shrink_block_m(block_r), BLOCK_K=tiles.SHRINK_BLOCK_K, BLOCK_R=block_r,
+                            RANK=rank, OFFICIAL=official, SAMPLE_TILES=False, EVEN_K=aligned, **common)))
     return specs
 
 
@@ -135,6 +164,9 @@ def signature_of(fn, kernel_name, constexprs, dtype, aligned):
     for i, arg in enumerate(fn.arg_names):
         if arg in constexprs:
             sig[arg] = "constexpr"
+        elif fn.params[i].do_not_specialize:  # N_PER_PROG: a plain i32, as the JIT passes it
+            sig[arg] = "i32"
+            runtime.append(arg)
         elif arg in ONE_STRIDES[kernel_name]:
             sig[arg], consts[arg] = "constexpr", 1
         elif arg.endswith("_ptr"):
@@ -160,6 +192,7 @@ def _c_bytes(data: bytes) -> str:
 
 def cmd_header(args):
     gl = load_kernels(args.repo)
+    tiles = gl.tiles
     import triton
     out = ["/* Generated by native/aot.py header: do not edit. */", "#ifndef SPM_KERNEL_ARGS_H",
            "#define SPM_KERNEL_ARGS_H", ""]
@@ -169,13 +202,35 @@ def cmd_header(args):
         out.append("enum {")
         out += [f"    SPM_{short}_ARG_{a}," for a in fn.arg_names]
         out += [f"    SPM_{short}_NUM_ARGS", "};", ""]
-    out.append("/* Tuning constants of kernels/gated_linear.py (the C picker mirrors the JIT launcher) */")
-    for const in ("FWD_BLOCK_M", "FWD_BLOCK_M_SMALL", "FWD_SMALL_M_BELOW", "FWD_BLOCK_N", "FWD_BLOCK_K",
-                  "FUSED_MAX_RANK", "LOAD_BLOCK_R", "SHRINK_BLOCK_K", "FWD_NUM_WARPS", "FWD_NUM_STAGES"):
-        out.append(f"#define SPM_{const} {int(getattr(gl, const))}")
     out.append(f'#define SPM_TRITON_VERSION "{triton.__version__}"')
     out += ["", "#endif", ""]
     _write(args.out, "\n".join(out))
+    _write(os.path.join(os.path.dirname(os.path.abspath(args.out)), "spm_tile_table.h"), tile_table_c(tiles))
+
+
+def tile_table_c(tiles) -> str:
+    """kernels/tiles.py as C data: the tables and the planning constants (spm_kernels.c only)."""
+    gen = generic_config(tiles)
+    out = ["/* Generated by native/aot.py header from kernels/tiles.py: do not edit. The C picker",
+           " * (spm_kernels.c) applies tiles.plan_forward's rule to these rows. */",
+           "#ifndef SPM_TILE_TABLE_H", "#define SPM_TILE_TABLE_H", "", '#include "spm_internal.h"', ""]
+    for name, table in (("sm90", tiles.FWD_TABLE), ("sm80", tiles.FWD_TABLE_SM80)):
+        out += [f"/* tiles.table_for({name[2:]}): (min rows, max out per group, block_m, block_n, block_k, num_warps,",
+                " * num_stages, fused_max_rank, n_loop); the first row with rows >= min rows and out <= max out wins */",
+                f"static const spm_tile_rule spm_fwd_table_{name}[] = {{"]
+        for min_rows, max_out, cfg in table:
+            out.append(f"    {{{min_rows}, {max_out}, {cfg.block_m}, {cfg.block_n}, {cfg.block_k}, {cfg.num_warps}, "
+                       f"{cfg.num_stages}, {cfg.fused_max_rank}, {int(cfg.n_loop)}}},")
+        out += ["};", f"#define SPM_FWD_TABLE_{name.upper()}_ROWS {len(table)}", ""]
+    out += ["/* the masked fallback (\"generic\") variants' tile */",
+            f"static const spm_tile_rule spm_generic_tile = {{0, 0, {gen.block_m}, {gen.block_n}, {gen.block_k}, "
+            f"{gen.num_warps}, {gen.num_stages}, 0, 0}};"]
+    for const in ("DEFAULT_SM_COUNT", "PROGRAMS_PER_SM", "LOAD_BLOCK_R", "SHRINK_BLOCK_K", "SHRINK_BLOCK_M",
+                  "SHRINK_ACC_ELEMS", "SHRINK_NUM_WARPS", "SHRINK_NUM_STAGES", "MAX_ROW_BLOCKS"):
+        out.append(f"#define SPM_{const} {int(getattr(tiles, const))}")
+    out.append(f"#define SPM_MAX_SPLIT_BLOCK_R {max(SHRINK_BLOCK_R)}")
+    out += ["", "#endif", ""]
+    return "\n".join(out)
 
 
 def cmd_variants(args):
@@ -192,13 +247,14 @@ def cmd_variants(args):
     table = f"spm_variants_sm{arch}_{dtype}"
     blobs, rows, runtime_orders = [], [], {}
     t0 = time.time()
-    specs = variant_specs(gl, ranks)
-    for idx, (kname, constexprs, aligned) in enumerate(specs):
+    specs = variant_specs(gl, ranks, arch)
+    for idx, spec in enumerate(specs):
+        kname, constexprs, aligned = spec["kernel"], spec["constexprs"], spec["aligned"]
         fn = getattr(gl, kname)
         sig, consts, attrs, runtime = signature_of(fn, kname, constexprs, dtype, aligned)
         if runtime_orders.setdefault(kname, runtime) != runtime:
             raise SystemExit(f"aot.py: {kname} variants disagree on runtime arguments")
-        options = {"num_warps": gl.FWD_NUM_WARPS if aligned else GENERIC_NUM_WARPS, "num_stages": gl.FWD_NUM_STAGES}
+        options = {"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]}
         compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=target,
                                   options=options)
         md = compiled.metadata
@@ -225,7 +281,10 @@ def cmd_variants(args):
         parts += [f"R{constexprs['BLOCK_R']}"]
         if kname == "_gated_spm_fwd_kernel":
             parts += ["bias" if constexprs["HAS_BIAS"] else "nobias"]
-        parts += ["aligned" if aligned else "generic", f"M{constexprs['BLOCK_M']}", dtype, f"sm{arch}"]
+        tile = f"M{constexprs['BLOCK_M']}"
+        if kname == "_gated_spm_fwd_kernel":
+            tile += f"N{constexprs['BLOCK_N']}w{md.num_warps}"
+        parts += ["aligned" if aligned else "generic", tile, dtype, f"sm{arch}"]
         vname = "_".join(parts)
         uses_gating = kname == "_gated_shrink_kernel" or constexprs["FUSED_SHRINK"]
         # the split forward only reads c: it serves either combine and any rank

@@ -24,6 +24,7 @@ import torch
 pytest.importorskip("triton")
 
 from subproc import run_python  # noqa: E402
+from spm_rt.kernels import tiles as T  # noqa: E402  (the tile table the launcher reads at call time)
 from spm_rt.kernels.reference import gated_spm_linear_ref  # noqa: E402
 
 
@@ -67,11 +68,11 @@ def tiles(monkeypatch):
     def apply(kind):
         if kind == "small":
             for name, value in SMALL_TILES.items():
-                monkeypatch.setattr(gl, name, value)
+                monkeypatch.setattr(T, name, value)
             # the forward's tile table: 16-wide tiles, fused up to pad16(K*r) = 32 (K = 17 splits)
-            small = gl.FwdConfig(16, 16, 16, 4, 3, 32)
-            monkeypatch.setattr(gl, "FWD_TABLE", ((0, 1 << 30, small),))
-            monkeypatch.setattr(gl, "CFG_FP32", small)
+            small = T.FwdConfig(16, 16, 16, 4, 3, 32)
+            monkeypatch.setattr(T, "FWD_TABLE", ((0, 1 << 30, small),))
+            monkeypatch.setattr(T, "CFG_FP32", small)
 
     return apply
 
@@ -344,7 +345,7 @@ def test_row_block_grid_limit_checked_in_forward_and_backward(tiles, monkeypatch
     """Row blocks run on CUDA grid axis 1 (at most 65535): both the forward and the backward dx
     launch refuse more before launching anything (a lower limit here, so no huge tensors)."""
     tiles("small")  # 16-row blocks: 40 rows are 3 row blocks
-    monkeypatch.setattr(gl, "MAX_ROW_BLOCKS", 2)
+    monkeypatch.setattr(T, "MAX_ROW_BLOCKS", 2)
     x, w, b, d, u, s, g, rps = _make(40, 16, 16, 2, 1, 1, False, samples=2)
     x, w, d, u = (t.float() for t in (x, w, d, u))
     with pytest.raises(ValueError, match="row blocks"):
@@ -352,7 +353,7 @@ def test_row_block_grid_limit_checked_in_forward_and_backward(tiles, monkeypatch
     dy = torch.randn(40, 16)
     with pytest.raises(ValueError, match="row blocks"):
         gl._backward_triton(dy, x, w, d, u, s, g, None, rps, "linear", 1, 1, True, False, False)
-    monkeypatch.setattr(gl, "MAX_ROW_BLOCKS", 3)  # at the limit: runs
+    monkeypatch.setattr(T, "MAX_ROW_BLOCKS", 3)  # at the limit: runs
     dx, _, _ = gl._backward_triton(dy, x, w, d, u, s, g, None, rps, "linear", 1, 1, True, False, False)
     assert dx.shape == x.shape
 
@@ -374,15 +375,15 @@ _MODES = [  # (combine, r, K, n_per_prog, pattern)
 def _config_cases():
     """fp16: every mode; bf16 (loads, casts, stores: the MMA is the same): one; fp32: every mode."""
     out = []
-    for cfg in dict.fromkeys(gl.FWD_CANDIDATES + tuple(c for _, _, c in gl.FWD_TABLE)):
+    for cfg in dict.fromkeys(gl.FWD_CANDIDATES + tuple(c for _, _, c in T.FWD_TABLE)):
         out += [(cfg, torch.float16, *mode) for mode in _MODES] + [(cfg, torch.bfloat16, *_MODES[1])]
     return out + [(gl.CFG_FP32, torch.float32, *mode) for mode in _MODES]
 
 
 def test_table_configs_are_candidates():
-    assert {c for _, _, c in gl.FWD_TABLE} <= set(gl.FWD_CANDIDATES)
+    assert {c for _, _, c in T.FWD_TABLE} <= set(gl.FWD_CANDIDATES)
     assert gl._pick_pattern("auto", 32, gl.CFG_FP32) is False  # fp32 fuses up to K*r 16 only
-    assert gl.FWD_TABLE[-1][:2] == (0, 1 << 30), "the last row must match every shape"
+    assert T.FWD_TABLE[-1][:2] == (0, 1 << 30), "the last row must match every shape"
 
 
 @pytest.mark.parametrize("cfg,dtype,combine,r,k,n_per_prog,pattern", _config_cases(),
@@ -407,27 +408,59 @@ def test_every_config_matches_fp64(cfg, dtype, combine, r, k, n_per_prog, patter
 
 
 @pytest.mark.parametrize("n_tiles,min_programs,want", [(5, 1, 5), (6, 3, 2), (6, 1000, 1), (7, 2, 1), (12, 4, 3), (1, 1, 1)])
-def test_n_per_prog_rule(monkeypatch, n_tiles, min_programs, want):
-    """The largest divisor of the N tiles that keeps the grid at MIN_PROGRAMS or more."""
-    monkeypatch.setattr(gl, "MIN_PROGRAMS", min_programs)
-    assert gl._n_per_prog(n_tiles, 1) == want
+def test_n_per_prog_rule(n_tiles, min_programs, want):
+    """The largest divisor of the N tiles that keeps the grid at one program per SM or more."""
+    assert T.PROGRAMS_PER_SM == 1
+    assert T.n_per_prog(n_tiles, 1, min_programs) == want
 
 
-def test_table_picks(monkeypatch):
+def test_table_picks():
     f16 = torch.float16
     assert gl._fwd_config(8192, 320, f16) == gl.CFG_64x64
     assert gl._fwd_config(2048, 1280, f16) == gl.CFG_128x128
     assert gl._fwd_config(8192, 2560, f16) == gl.CFG_128x128
     assert gl._fwd_config(154, 640, f16) == gl.CFG_64x64
     assert gl._fwd_config(8192, 320, torch.float32) == gl.CFG_FP32
-    # 8192 x 320 with 64x64 tiles: 128 row blocks x 5 N tiles; 5 per program keeps 128 programs
-    assert gl._n_per_prog(5, 128) == 5
+
+
+@pytest.mark.parametrize("m,in_f,n,k,groups,sm_count,want", [
+    # out <= 640: 64x64 tiles, one N tile per program whatever the SM count (issue 24)
+    (8192, 320, 320, 16, 1, 132, ("64x64", True, 1, (5, 128))),
+    (8192, 320, 320, 16, 3, 132, ("64x64", True, 1, (15, 128))),
+    (2048, 640, 640, 64, 1, 132, ("64x64", True, 1, (10, 32))),
+    (154, 768, 640, 4, 2, 132, ("64x64", True, 1, (20, 3))),
+    # ff GEGLU in: 128x128 tiles loop over N tiles while the grid keeps >= one program per SM
+    (8192, 320, 2560, 16, 1, 132, ("128x128", True, 5, (4, 64))),   # 64 row blocks x 4 = 256 >= 132
+    (8192, 320, 2560, 16, 1, 114, ("128x128", True, 10, (2, 64))),  # H100 PCIe: 128 >= 114
+    (8192, 320, 2560, 16, 1, 1000, ("128x128", True, 1, (20, 64))),
+    (2048, 640, 5120, 16, 1, 132, ("128x128", True, 4, (10, 16))),
+    (8192, 320, 2560, 80, 1, 132, ("128x128", False, 1, (20, 64))),  # pad16(80) = 128 > 64: split
+])
+def test_forward_plan(m, in_f, n, k, groups, sm_count, want):
+    p = T.plan_forward(m, in_f, n, kr=k, groups=groups, dtype="fp16", rows_per_sample=m // 2, sm_count=sm_count)
+    assert (f"{p.config.block_m}x{p.config.block_n}", p.fused, p.n_per_prog, p.grid) == want
+    assert (p.shrink is None) == p.fused
+
+
+def test_device_sm_count_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert T.device_sm_count() == T.DEFAULT_SM_COUNT == 132
+    assert T.device_sm_count("cpu") == 132
+    assert T.device_arch() == T.DEFAULT_ARCH == 90
+
+
+def test_ampere_table_has_no_128x128_and_fuses_up_to_32():
+    """sm_8x: the 128x128 tile and the 64x64 fused at BLOCK_R 64 spilled there (compile check)."""
+    p = T.plan_forward(8192, 320, 2560, kr=16, groups=1, dtype="fp16", rows_per_sample=4096, arch=80)
+    assert (p.config.block_m, p.config.block_n, p.n_per_prog, p.fused) == (64, 64, 1, True)
+    assert not T.plan_forward(8192, 320, 320, kr=64, groups=1, dtype="fp16", rows_per_sample=4096, arch=86).fused
+    assert T.plan_forward(8192, 320, 320, kr=64, groups=1, dtype="fp16", rows_per_sample=4096, arch=90).fused
 
 
 def test_gradients_with_shrink_shared_across_n_tiles(monkeypatch):
     """STORE_C from a program that loops over N tiles (c written once per row block) feeds d_up."""
-    monkeypatch.setattr(gl, "MIN_PROGRAMS", 1)
-    monkeypatch.setattr(gl, "FWD_TABLE", ((0, 1 << 30, gl.FwdConfig(16, 16, 16, 4, 3, 32)),))
+    monkeypatch.setattr(T, "DEFAULT_SM_COUNT", 1)  # CPU: no device SM count, so the default rules
+    monkeypatch.setattr(T, "FWD_TABLE", ((0, 1 << 30, T.FwdConfig(16, 16, 16, 4, 3, 32, n_loop=True)),))
     x, w, b, d, u, s, g, rps = _make(21, 37, 45, 3, 1, 2, True, seed=2)  # 3 N tiles per group
     dy = torch.randn(21, 90, dtype=torch.float64)
     xs, ds, us = (t.float().clone().requires_grad_() for t in (x, d, u))

@@ -20,9 +20,9 @@ SCRIPT = textwrap.dedent('''
     from spm_rt.kernels import gated_linear as kernels
     launches = []  # groups= of every linear kernel launch (through the spm_rt::gated_linear op)
     _launch = kernels._forward_2d
-    def counted(*args, **kwargs):
-        launches.append(args[10])
-        return _launch(*args, **kwargs)
+    def counted(ops, *args, **kwargs):  # ops: the GatedOperands record
+        launches.append(ops.groups)
+        return _launch(ops, *args, **kwargs)
     kernels._forward_2d = counted
     from spm_rt.testing import tiny_pipeline, random_spm
     torch.set_num_threads(1)

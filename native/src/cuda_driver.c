@@ -43,6 +43,11 @@ static void load_once(void) {
     LOAD(ctxGetDevice, "cuCtxGetDevice");
     LOAD(ctxSynchronize, "cuCtxSynchronize");
     LOAD(devicePrimaryCtxRetain, "cuDevicePrimaryCtxRetain");
+    LOAD(ctxPushCurrent, "cuCtxPushCurrent_v2");
+    LOAD(ctxPopCurrent, "cuCtxPopCurrent_v2");
+    LOAD(streamGetCtx, "cuStreamGetCtx");
+    *(void **)(&g_driver.ctxGetId) = dlsym(lib, "cuCtxGetId"); /* optional: CUDA 12.0+ */
+    LOAD(moduleUnload, "cuModuleUnload");
     LOAD(moduleLoadData, "cuModuleLoadData");
     LOAD(moduleGetFunction, "cuModuleGetFunction");
     LOAD(funcGetAttribute, "cuFuncGetAttribute");

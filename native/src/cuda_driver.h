@@ -18,6 +18,11 @@ typedef struct spm_cuda_driver {
     CUresult (*ctxGetDevice)(CUdevice *);
     CUresult (*ctxSynchronize)(void);
     CUresult (*devicePrimaryCtxRetain)(CUcontext *, CUdevice);
+    CUresult (*ctxPushCurrent)(CUcontext);
+    CUresult (*ctxPopCurrent)(CUcontext *);
+    CUresult (*streamGetCtx)(CUstream, CUcontext *);
+    CUresult (*ctxGetId)(CUcontext, unsigned long long *); /* CUDA 12.0+; NULL with older drivers */
+    CUresult (*moduleUnload)(CUmodule);
     CUresult (*moduleLoadData)(CUmodule *, const void *);
     CUresult (*moduleGetFunction)(CUfunction *, CUmodule, const char *);
     CUresult (*funcGetAttribute)(int *, CUfunction_attribute, CUfunction);

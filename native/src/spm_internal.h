@@ -14,6 +14,12 @@ typedef struct spm_kernel_variant {
     int num_params;                /* + 2 Triton scratch pointers (passed as 0) */
 } spm_kernel_variant;
 
+/* One row of kernels/tiles.py's FWD_TABLE (generated into spm_tile_table.h by native/aot.py). */
+typedef struct spm_tile_rule {
+    long long min_rows, max_out;
+    int block_m, block_n, block_k, num_warps, num_stages, fused_max_rank, n_loop;
+} spm_tile_rule;
+
 typedef struct spm_variant_table {
     const spm_kernel_variant *rows;
     const int *count;
@@ -27,7 +33,8 @@ extern const int spm_num_built_archs;
 extern const int spm_built_ranks[];
 extern const int spm_num_built_ranks;
 
-/* For tests (tests/native/dump_cubins.c): the flat variant list, same order as spm_kernels_info(). */
-SPM_API const spm_kernel_variant *spm__variant(int index);
+/* For tests (tests/native/check_cubins.c links the static library): the flat variant list, same
+ * order as spm_kernels_info(). Hidden: not part of the shared library's exported symbols. */
+const spm_kernel_variant *spm__variant(int index);
 
 #endif

@@ -1,9 +1,12 @@
-/* CPU tests of libspm_kernels: the library loads, spm_kernels_info() lists the expected variants,
- * argument validation returns the right codes with messages, the variant picker chooses what the
- * Triton launcher would, and a machine without a driver gets SPM_ERR_NO_DRIVER/NO_DEVICE.
+/* CPU tests of libspm_kernels: the library loads, spm_kernels_info() lists the variants the tile
+ * table asks for, argument validation returns the right codes with messages, plans are created
+ * from a desc alone (no GPU, no pointers) and follow the table's rule, and a machine without a
+ * driver gets SPM_ERR_NO_DRIVER/NO_DEVICE. (That the C picker and the Triton launcher choose the
+ * same kernel for every shape of the GPU check is tests/test_native.py's job: it runs both.)
  *
  * usage: spm_test_api --archs 80,90 --ranks 1 [--expect-no-driver] */
 #include "spm_kernels.h"
+#include "spm_tile_table.h" /* generated from kernels/tiles.py */
 
 #include <stdint.h>
 #include <stdio.h>
@@ -113,30 +116,52 @@ static void test_info(const int *archs, int num_archs, const int *ranks, int num
     for (int i = 0; i < num_archs && i < info->num_archs; ++i)
         CHECK(info->archs[i] == archs[i], "arch %d is %d, want %d", i, info->archs[i], archs[i]);
     CHECK(info->num_ranks == num_ranks, "num_ranks %d, want %d", info->num_ranks, num_ranks);
-    CHECK(info->max_fused_rank == 32 && info->max_split_rank == 128, "max ranks %d %d", info->max_fused_rank,
-          info->max_split_rank);
-    /* per arch and dtype: fused (combine x rank x R16/R32 x bias x 3 layouts), split forward
-     * (bias x 3 layouts), shrink (combine x rank x R64/R128 x 2 layouts) */
-    int per = 2 * num_ranks * 2 * 2 * 3 + 2 * 3 + 2 * num_ranks * 2 * 2;
-    CHECK(info->num_variants == num_archs * 2 * per, "%d variants, want %d", info->num_variants,
-          num_archs * 2 * per);
+    int want_fused = 0;
+    for (int a = 0; a < num_archs; ++a) {
+        const spm_tile_rule *t = archs[a] >= 90 ? spm_fwd_table_sm90 : spm_fwd_table_sm80;
+        int rows = archs[a] >= 90 ? SPM_FWD_TABLE_SM90_ROWS : SPM_FWD_TABLE_SM80_ROWS;
+        for (int i = 0; i < rows; ++i) want_fused = t[i].fused_max_rank > want_fused ? t[i].fused_max_rank : want_fused;
+    }
+    CHECK(info->max_fused_rank == want_fused && info->max_split_rank == 128, "max ranks %d %d",
+          info->max_fused_rank, info->max_split_rank);
+    /* per arch and dtype, from the arch's table (spm_tile_table.h, generated from kernels/tiles.py):
+     * per distinct tile, fused (combine x rank x BLOCK_R 16 .. fused_max_rank x bias) and split
+     * forward (bias); the generic split forward (bias); shrink (combine x rank x R64/R128 x
+     * aligned/generic) */
     const char *dt[] = {"fp16", "bf16"}, *comb[] = {"linear", "official"}, *bias[] = {"nobias", "bias"};
-    const char *layouts[] = {"aligned_M128", "aligned_M64", "generic_M64"};
-    char name[160];
-    for (int a = 0; a < num_archs; ++a)
+    char name[160], tile[64];
+    int want_total = 0;
+    for (int a = 0; a < num_archs; ++a) {
+        const spm_tile_rule *t = archs[a] >= 90 ? spm_fwd_table_sm90 : spm_fwd_table_sm80;
+        int rows = archs[a] >= 90 ? SPM_FWD_TABLE_SM90_ROWS : SPM_FWD_TABLE_SM80_ROWS;
         for (int d = 0; d < 2; ++d) {
-            for (int b = 0; b < 2; ++b)
-                for (int l = 0; l < 3; ++l) {
+            for (int i = 0; i < rows; ++i) {
+                int seen = 0; /* a tile of an earlier row: compiled once */
+                for (int j = 0; j < i; ++j)
+                    seen |= t[j].block_m == t[i].block_m && t[j].block_n == t[i].block_n &&
+                            t[j].num_warps == t[i].num_warps && t[j].num_stages == t[i].num_stages &&
+                            t[j].fused_max_rank == t[i].fused_max_rank;
+                if (seen) continue;
+                snprintf(tile, sizeof tile, "aligned_M%dN%dw%d", t[i].block_m, t[i].block_n, t[i].num_warps);
+                for (int b = 0; b < 2; ++b) {
                     for (int c = 0; c < 2; ++c)
                         for (int r = 0; r < num_ranks; ++r)
-                            for (int br = 16; br <= 32; br *= 2) {
+                            for (int br = 16; br <= t[i].fused_max_rank; br *= 2) {
                                 snprintf(name, sizeof name, "fwd_fused_%s_r%d_R%d_%s_%s_%s_sm%d", comb[c], ranks[r],
-                                         br, bias[b], layouts[l], dt[d], archs[a]);
+                                         br, bias[b], tile, dt[d], archs[a]);
                                 CHECK(has_variant(name), "missing variant %s", name);
+                                ++want_total;
                             }
-                    snprintf(name, sizeof name, "fwd_split_R64_%s_%s_%s_sm%d", bias[b], layouts[l], dt[d], archs[a]);
+                    snprintf(name, sizeof name, "fwd_split_R64_%s_%s_%s_sm%d", bias[b], tile, dt[d], archs[a]);
                     CHECK(has_variant(name), "missing variant %s", name);
+                    ++want_total;
                 }
+            }
+            for (int b = 0; b < 2; ++b) {
+                snprintf(name, sizeof name, "fwd_split_R64_%s_generic_M64N64w8_%s_sm%d", bias[b], dt[d], archs[a]);
+                CHECK(has_variant(name), "missing variant %s", name);
+                ++want_total;
+            }
             for (int c = 0; c < 2; ++c)
                 for (int r = 0; r < num_ranks; ++r)
                     for (int br = 64; br <= 128; br *= 2)
@@ -144,12 +169,16 @@ static void test_info(const int *archs, int num_archs, const int *ranks, int num
                             snprintf(name, sizeof name, "shrink_%s_r%d_R%d_%s_M64_%s_sm%d", comb[c], ranks[r], br,
                                      al ? "generic" : "aligned", dt[d], archs[a]);
                             CHECK(has_variant(name), "missing variant %s", name);
+                            ++want_total;
                         }
         }
+    }
+    CHECK(info->num_variants == want_total, "%d variants, want %d", info->num_variants, want_total);
     for (int i = 0; i < info->num_variants; ++i) {
         const spm_variant_info *v = &info->variants[i];
-        CHECK(v->cubin_bytes > 1000 && v->num_warps == (v->aligned ? 4 : 8) && v->block_m > 0 &&
-                  v->shared_bytes >= 0 && v->aligned == (v->aligned ? (v->fused ? 1 : 2) : 0),
+        int want_aligned = !strstr(v->name, "_generic_") ? (v->kernel == SPM_KERNEL_FWD && v->fused ? 1 : 2) : 0;
+        CHECK(v->cubin_bytes > 1000 && (v->num_warps == 4 || v->num_warps == 8) && v->block_m > 0 &&
+                  v->shared_bytes >= 0 && v->aligned == want_aligned && (v->aligned || v->num_warps == 8),
               "variant %s: implausible launch parameters", v->name);
     }
     const char *json = spm_kernels_info_json();
@@ -219,8 +248,8 @@ static void test_validation(int arch) {
     expect_status(spm_gated_linear_plan(&a, arch, &p), SPM_ERR_SHAPE, "ldy < G*out");
     a = sd15(); a.rank = 7;
     expect_status(spm_gated_linear_plan(&a, arch, &p), SPM_ERR_UNSUPPORTED, "rank without variants");
-    a = sd15(); a.num_spms = 64; a.pattern = SPM_PATTERN_FUSED;
-    expect_status(spm_gated_linear_plan(&a, arch, &p), SPM_ERR_UNSUPPORTED, "fused with K*r = 64");
+    a = sd15(); a.num_spms = 80; a.pattern = SPM_PATTERN_FUSED;
+    expect_status(spm_gated_linear_plan(&a, arch, &p), SPM_ERR_UNSUPPORTED, "fused with K*r = 80 (R128)");
     a = sd15(); a.num_spms = 129;
     expect_status(spm_gated_linear_plan(&a, arch, &p), SPM_ERR_UNSUPPORTED, "split with K*r = 129");
     a = sd15(); a.in_features = 1LL << 31; a.ldx = a.in_features;
@@ -237,72 +266,171 @@ static void test_validation(int arch) {
           spm_last_error());
     a = sd15(); a.m = 0; a.x = NULL; a.y = NULL;
     expect_status(spm_gated_linear_forward(NULL, &a), SPM_OK, "m = 0 is a no-op (no driver needed)");
-    a = sd15(); a.num_spms = 64;
+    a = sd15(); a.num_spms = 96;
     expect_status(spm_gated_linear_workspace_size(&a, &ws), SPM_OK, "workspace size");
-    CHECK(ws == 8192u * 64u * 2u, "workspace %zu", ws);
+    CHECK(ws == 8192u * 96u * 2u, "workspace %zu", ws);
     for (int s = -1; s <= 12; ++s) CHECK(spm_status_string((spm_status)s) != NULL, "status string %d", s);
 }
 
-static void test_plans(int arch, const int *ranks, int num_ranks) {
-    char f[160], s[160];
-    const char *dt = "fp16";
-    spm_gated_linear_args a = sd15();
-    /* SD1.5 self-attention projection, K = 16: fused, 128-row tiles, 5 x 64 tiles */
-    snprintf(f, sizeof f, "fwd_fused_linear_r1_R16_bias_aligned_M128_%s_sm%d", dt, arch);
-    expect_plan(&a, arch, f, NULL, 5, 64, 0, "sd15 K=16");
-    a.bias = NULL; a.combine = SPM_COMBINE_OFFICIAL; a.dtype = SPM_DTYPE_BFLOAT16;
-    snprintf(f, sizeof f, "fwd_fused_official_r1_R16_nobias_aligned_M128_bf16_sm%d", arch);
-    expect_plan(&a, arch, f, NULL, 5, 64, 0, "sd15 official bf16 no bias");
-    a = sd15(); a.num_spms = 32;
-    snprintf(f, sizeof f, "fwd_fused_linear_r1_R32_bias_aligned_M128_%s_sm%d", dt, arch);
-    expect_plan(&a, arch, f, NULL, 5, 64, 0, "K=32 fused R32");
-    a = sd15(); a.num_spms = 5;
-    snprintf(f, sizeof f, "fwd_fused_linear_r1_R16_bias_aligned_M128_%s_sm%d", dt, arch);
-    expect_plan(&a, arch, f, NULL, 5, 64, 0, "K=5 pads to R16");
-    /* grouped q/k/v: one launch over 3 groups, scale per group */
-    a = sd15(); a.groups = 3; a.ldy = 960; a.bias = NULL; a.scale_per_group = 1;
-    snprintf(f, sizeof f, "fwd_fused_linear_r1_R16_nobias_aligned_M128_%s_sm%d", dt, arch);
-    expect_plan(&a, arch, f, NULL, 15, 64, 0, "q/k/v groups=3");
-    /* K = 64: split, shrink R64 + forward with c from the workspace */
-    a = sd15(); a.num_spms = 64;
-    snprintf(f, sizeof f, "fwd_split_R64_bias_aligned_M128_%s_sm%d", dt, arch);
-    snprintf(s, sizeof s, "shrink_linear_r1_R64_aligned_M64_%s_sm%d", dt, arch);
-    expect_plan(&a, arch, f, s, 5, 64, 8192u * 64u * 2u, "K=64 split");
-    a.num_spms = 96; a.combine = SPM_COMBINE_OFFICIAL;
-    snprintf(s, sizeof s, "shrink_official_r1_R128_aligned_M64_%s_sm%d", dt, arch);
-    expect_plan(&a, arch, f, s, 5, 64, 8192u * 96u * 2u, "K=96 split, R128 shrink");
-    /* K*r % 16 != 0: the split kernels' aligned variants assume it, so the generic ones run */
-    a.num_spms = 100; a.groups = 3; a.ldy = 960;
-    snprintf(f, sizeof f, "fwd_split_R64_bias_generic_M64_%s_sm%d", dt, arch);
-    snprintf(s, sizeof s, "shrink_official_r1_R128_generic_M64_%s_sm%d", dt, arch);
-    expect_plan(&a, arch, f, s, 15, 128, 8192u * 304u * 2u, "K=100 x 3 groups split, ldc = 304");
-    snprintf(f, sizeof f, "fwd_split_R64_bias_aligned_M128_%s_sm%d", dt, arch);
-    a = sd15(); a.pattern = SPM_PATTERN_SPLIT;
-    snprintf(s, sizeof s, "shrink_linear_r1_R64_aligned_M64_%s_sm%d", dt, arch);
-    expect_plan(&a, arch, f, s, 5, 64, 8192u * 16u * 2u, "forced split at K=16");
-    /* cross-attention k/v: 2 x 77 text tokens, 768 -> 320: 64-row tiles */
-    a = sd15(); a.m = 154; a.rows_per_sample = 77; a.in_features = 768; a.ldx = 768; a.num_spms = 4; a.bias = NULL;
-    snprintf(f, sizeof f, "fwd_fused_linear_r1_R16_nobias_aligned_M64_%s_sm%d", dt, arch);
-    expect_plan(&a, arch, f, NULL, 5, 3, 0, "cross-attn k/v");
-    /* odd shapes: the masked generic variants */
-    a = sd15(); a.in_features = 300; a.ldx = 304;
-    snprintf(f, sizeof f, "fwd_fused_linear_r1_R16_bias_generic_M64_%s_sm%d", dt, arch);
-    expect_plan(&a, arch, f, NULL, 5, 128, 0, "in = 300");
-    a = sd15(); a.out_features = 200; a.ldy = 200;
-    expect_plan(&a, arch, f, NULL, 4, 128, 0, "out = 200");
-    a = sd15(); a.x = (void *)0x100002;
-    expect_plan(&a, arch, f, NULL, 5, 128, 0, "x 2-byte aligned only");
-    a = sd15(); a.ldx = 328;
-    expect_plan(&a, arch, f, NULL, 5, 128, 0, "ldx not a multiple of 16");
-    a = sd15(); a.in_features = 352; a.ldx = 352; /* % 16 but not % 64: EVEN_K off */
-    expect_plan(&a, arch, f, NULL, 5, 128, 0, "in = 352");
-    for (int r = 0; r < num_ranks; ++r) {
-        if (ranks[r] == 1) continue;
-        a = sd15(); a.num_spms = 8; a.rank = ranks[r]; a.combine = SPM_COMBINE_OFFICIAL;
-        snprintf(f, sizeof f, "fwd_fused_official_r%d_R%d_bias_aligned_M128_%s_sm%d", ranks[r], 8 * ranks[r] <= 16 ? 16 : 32,
-                 dt, arch);
-        if (8 * ranks[r] <= 32) expect_plan(&a, arch, f, NULL, 5, 64, 0, "rank > 1");
+/* A plan desc of the SD1.5 self-attention projection (8192 x 320 -> 320, K = 16), for `arch`. */
+static spm_plan_desc desc15(int arch) {
+    spm_plan_desc d;
+    spm_plan_desc_init(&d);
+    d.dtype = SPM_DTYPE_FLOAT16;
+    d.combine = SPM_COMBINE_LINEAR;
+    d.pattern = SPM_PATTERN_AUTO;
+    d.m = 8192;
+    d.in_features = 320;
+    d.out_features = 320;
+    d.ldx = 320;
+    d.ldy = 320;
+    d.rows_per_sample = 4096;
+    d.num_spms = 16;
+    d.rank = 1;
+    d.groups = 1;
+    d.has_bias = 1;
+    d.alignment = 256;
+    d.arch = arch;
+    return d;
+}
+
+/* Create a plan (expected OK) and return its info; the variant names through *fwd / *shrink. */
+static int plan_info(const spm_plan_desc *d, spm_plan_info *info, const char **fwd, const char **shrink,
+                     const char *what) {
+    spm_plan *plan = NULL;
+    spm_status st = spm_plan_create(d, &plan);
+    expect_status(st, SPM_OK, what);
+    if (st != SPM_OK) return 0;
+    spm_plan_info_init(info);
+    expect_status(spm_plan_get_info(plan, info), SPM_OK, what);
+    *fwd = vname(info->forward_variant);
+    *shrink = info->shrink_variant >= 0 ? vname(info->shrink_variant) : NULL;
+    spm_plan_destroy(plan);
+    return 1;
+}
+
+static const spm_variant_info *vinfo(int i) { return &spm_kernels_info()->variants[i]; }
+
+/* The plan API on CPU: plans from a desc alone, following the generated tile table. */
+static void test_plan_api(int arch) {
+    spm_plan_desc d;
+    spm_plan_info info;
+    const char *fwd, *shrink;
+    spm_plan *plan = NULL;
+    char want[160];
+    const spm_tile_rule *t0 = arch >= 90 ? spm_fwd_table_sm90 : spm_fwd_table_sm80;
+    const int hopper = arch >= 90; /* sm_90: 128x128 ff tiles with the N loop; sm_80: 64x64 everywhere */
+    /* the table's first row: 64x64 tiles, one N tile per program, whatever the SM count */
+    d = desc15(arch);
+    if (plan_info(&d, &info, &fwd, &shrink, "sd15 K=16")) {
+        const spm_variant_info *v = vinfo(info.forward_variant);
+        CHECK(t0[0].block_m == 64 && t0[0].n_loop == 0, "table row 0 changed: update the test");
+        snprintf(want, sizeof want, "fwd_fused_linear_r1_R16_bias_aligned_M64N64w4_fp16_sm%d", arch);
+        CHECK(!strcmp(fwd, want), "sd15 K=16: %s, want %s", fwd, want);
+        CHECK(v->block_m == t0[0].block_m && v->block_n == t0[0].block_n && v->num_warps == t0[0].num_warps &&
+                  v->num_stages == t0[0].num_stages,
+              "sd15 K=16: variant tile is not the table's");
+        CHECK(info.fused && info.n_per_prog == 1 && info.forward_grid[0] == 5 && info.forward_grid[1] == 128 &&
+                  info.workspace_bytes == 0 && info.sm_count == 132 && info.arch == arch,
+              "sd15 K=16: fused %d n_per_prog %d grid (%u, %u) ws %zu sm %d", info.fused, info.n_per_prog,
+              info.forward_grid[0], info.forward_grid[1], info.workspace_bytes, info.sm_count);
     }
+    /* ff GEGLU in (8192 x 320 -> 2560): 128x128 tiles looping over N tiles, the count from the SM count */
+    int sms[] = {132, 114, 1000}, want_npp[] = {5, 10, 1};
+    for (int i = 0; i < 3; ++i) {
+        d = desc15(arch);
+        d.out_features = 2560; d.ldy = 2560; d.sm_count = sms[i];
+        if (plan_info(&d, &info, &fwd, &shrink, "ff GEGLU in") && hopper) {
+            CHECK(strstr(fwd, "_aligned_M128N128w8_") && info.n_per_prog == want_npp[i] &&
+                      info.forward_grid[0] == 20u / (unsigned)want_npp[i] && info.forward_grid[1] == 64,
+                  "ff in, %d SMs: %s n_per_prog %d grid (%u, %u), want n_per_prog %d", sms[i], fwd, info.n_per_prog,
+                  info.forward_grid[0], info.forward_grid[1], want_npp[i]);
+        } else if (!hopper) {
+            CHECK(strstr(fwd, "_aligned_M64N64w4_") && info.n_per_prog == 1 && info.forward_grid[0] == 40 &&
+                      info.forward_grid[1] == 128, "ff in on sm_%d: %s n_per_prog %d grid (%u, %u)", arch, fwd,
+                  info.n_per_prog, info.forward_grid[0], info.forward_grid[1]);
+        }
+    }
+    /* K*r above the fused limit (64): shrink + split forward with the table's tile, workspace */
+    d = desc15(arch); d.num_spms = 96; d.combine = SPM_COMBINE_OFFICIAL;
+    if (plan_info(&d, &info, &fwd, &shrink, "K=96 split")) {
+        snprintf(want, sizeof want, "shrink_official_r1_R128_aligned_M64_fp16_sm%d", arch);
+        CHECK(!info.fused && shrink && !strcmp(shrink, want) && strstr(fwd, "fwd_split_R64_bias_aligned_M64N64w4") &&
+                  info.workspace_bytes == 8192u * 96u * 2u && info.n_per_prog == 1,
+              "K=96: %s + %s, ws %zu", shrink ? shrink : "(none)", fwd, info.workspace_bytes);
+    }
+    /* grouped q/k/v, bf16, no bias, K = 64 fused at R64 */
+    d = desc15(arch); d.groups = 3; d.ldy = 960; d.has_bias = 0; d.num_spms = 64; d.dtype = SPM_DTYPE_BFLOAT16;
+    d.scale_per_group = 1;
+    if (plan_info(&d, &info, &fwd, &shrink, "q/k/v")) {
+        if (hopper) snprintf(want, sizeof want, "fwd_fused_linear_r1_R64_nobias_aligned_M64N64w4_bf16_sm%d", arch);
+        else snprintf(want, sizeof want, "fwd_split_R64_nobias_aligned_M64N64w4_bf16_sm%d", arch); /* fused <= 32 */
+        CHECK(!strcmp(fwd, want) && info.forward_grid[0] == 15 && info.forward_grid[1] == 128, "q/k/v: %s (%u, %u)",
+              fwd, info.forward_grid[0], info.forward_grid[1]);
+    }
+    /* what the aligned variants cannot take: the masked generic split variants */
+    d = desc15(arch); d.alignment = 2;
+    if (plan_info(&d, &info, &fwd, &shrink, "2-byte alignment"))
+        CHECK(!info.fused && strstr(fwd, "_generic_M64N64w8_") && shrink && strstr(shrink, "_R64_generic_"),
+              "2-byte alignment: %s + %s", shrink ? shrink : "(none)", fwd);
+    d = desc15(arch); d.in_features = 300; d.ldx = 304;
+    if (plan_info(&d, &info, &fwd, &shrink, "in = 300"))
+        CHECK(!info.fused && strstr(fwd, "_generic_"), "in = 300: %s", fwd);
+    d = desc15(arch); d.alignment = 2; d.pattern = SPM_PATTERN_FUSED;
+    expect_status(spm_plan_create(&d, &plan), SPM_ERR_UNSUPPORTED, "forced fused on unaligned shapes");
+    CHECK(plan == NULL, "a failed create leaves *plan NULL");
+    /* strided gates: any row stride >= K, or broadcast (stride 0) */
+    d = desc15(arch); d.ld_gates = 8;
+    expect_status(spm_plan_create(&d, &plan), SPM_ERR_SHAPE, "ld_gates < K");
+    d = desc15(arch); d.ld_gates = 40;
+    expect_status(spm_plan_create(&d, &plan), SPM_OK, "ld_gates 40");
+    spm_plan_destroy(plan);
+    d = desc15(arch); d.gates_broadcast = 1;
+    expect_status(spm_plan_create(&d, &plan), SPM_OK, "broadcast gates");
+    spm_plan_destroy(plan);
+    /* struct versions, bad values */
+    d = desc15(arch); d.struct_size -= 8;
+    expect_status(spm_plan_create(&d, &plan), SPM_ERR_VERSION, "desc struct_size");
+    d = desc15(arch); d.version = 99;
+    expect_status(spm_plan_create(&d, &plan), SPM_ERR_VERSION, "desc version");
+    d = desc15(arch); d.alignment = 24;
+    expect_status(spm_plan_create(&d, &plan), SPM_ERR_INVALID_ARGUMENT, "alignment not a power of two");
+    d = desc15(75);
+    expect_status(spm_plan_create(&d, &plan), SPM_ERR_ARCH, "arch not built");
+    expect_status(spm_plan_create(NULL, &plan), SPM_ERR_INVALID_ARGUMENT, "NULL desc");
+    d = desc15(arch);
+    expect_status(spm_plan_create(&d, NULL), SPM_ERR_INVALID_ARGUMENT, "NULL plan");
+    /* execute without prepare: refused before any driver call; m = 0 is a no-op */
+    d = desc15(arch);
+    expect_status(spm_plan_create(&d, &plan), SPM_OK, "plan for execute");
+    spm_pointers p;
+    spm_pointers_init(&p);
+    expect_status(spm_plan_execute(plan, &p, NULL), SPM_ERR_NOT_PREPARED, "execute before prepare");
+    p.version = 7;
+    expect_status(spm_plan_execute(plan, &p, NULL), SPM_ERR_VERSION, "pointers version");
+    spm_plan_info_init(&info);
+    info.struct_size = 3;
+    expect_status(spm_plan_get_info(plan, &info), SPM_ERR_VERSION, "info struct_size");
+    spm_plan_destroy(plan);
+    d = desc15(arch); d.m = 0;
+    expect_status(spm_plan_create(&d, &plan), SPM_OK, "m = 0");
+    spm_pointers_init(&p);
+    expect_status(spm_plan_execute(plan, &p, NULL), SPM_OK, "m = 0 executes as a no-op");
+    spm_plan_destroy(plan);
+    spm_plan_destroy(NULL);
+}
+
+/* The one-call API's plan (version 1) is the plan core's: spot checks. */
+static void test_plans(int arch) {
+    char f[160];
+    spm_gated_linear_args a = sd15();
+    snprintf(f, sizeof f, "fwd_fused_linear_r1_R16_bias_aligned_M64N64w4_fp16_sm%d", arch);
+    expect_plan(&a, arch, f, NULL, 5, 128, 0, "one-call sd15 K=16");
+    a = sd15(); a.x = (void *)0x100002; /* 2-byte aligned only: the generic split variants */
+    spm_launch_plan p;
+    expect_status(spm_gated_linear_plan(&a, arch, &p), SPM_OK, "one-call unaligned x");
+    CHECK(!p.fused && strstr(vname(p.forward_variant), "_generic_"), "one-call unaligned x: %s",
+          vname(p.forward_variant));
 }
 
 static void test_driver(int expect_no_driver) {
@@ -316,6 +444,13 @@ static void test_driver(int expect_no_driver) {
         expect_status(fwd, SPM_ERR_NO_DRIVER, "forward without a driver");
         int cc = 0;
         expect_status(spm_kernels_device_cc(0, &cc), SPM_ERR_NO_DRIVER, "device_cc without a driver");
+        spm_plan_desc d = desc15(0); /* arch 0: the current device's, which needs the driver */
+        spm_plan *plan = NULL;
+        expect_status(spm_plan_create(&d, &plan), SPM_ERR_NO_DRIVER, "plan for the current device without a driver");
+        d = desc15(spm_kernels_info()->archs[0]);
+        expect_status(spm_plan_create(&d, &plan), SPM_OK, "plan for a given arch without a driver");
+        expect_status(spm_plan_prepare(plan, NULL), SPM_ERR_NO_DRIVER, "prepare without a driver");
+        spm_plan_destroy(plan);
         printf("no-driver path: %s: %s\n", spm_status_string(fwd), spm_last_error());
     } else if (init == SPM_OK) {
         printf("a CUDA driver and device are present: the forward is checked by spm_gpu_forward\n");
@@ -345,7 +480,8 @@ int main(int argc, char **argv) {
     test_arch_rule(archs, num_archs);
     for (int i = 0; i < num_archs; ++i) {
         test_validation(archs[i]);
-        test_plans(archs[i], ranks, num_ranks);
+        test_plans(archs[i]);
+        test_plan_api(archs[i]);
     }
     test_driver(expect_no_driver);
     printf("%d checks, %d failed\n", g_checks, g_failures);
