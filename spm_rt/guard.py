@@ -52,8 +52,14 @@ def _unet_inputs(args, kwargs):
     return sample, emb
 
 
+def _tracing() -> bool:
+    """Inside a graph capture (dynamo, torch.jit.trace, ONNX export): the hooks stay out of it.
+    ONNX export traces the UNet with spm_rt's layers swapped for its own graph modules."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def _pre_hook(module, args, kwargs):
-    if torch.compiler.is_compiling():
+    if _tracing():
         return None
     state = _state(module)
     if state is None:
@@ -85,7 +91,7 @@ def _pre_hook(module, args, kwargs):
 
 
 def _post_hook(module, args, kwargs, output):
-    if torch.compiler.is_compiling():
+    if _tracing():
         return None
     state = _state(module)
     if state is None:
