@@ -54,7 +54,7 @@ def _report_command(args) -> int:
     plot = not args.no_plot
     if plot:
         try:
-            import matplotlib  # noqa: F401
+            import matplotlib  # noqa: F401  (probe: the Markdown is written without it)
         except ImportError:
             md, _ = write_report(args.results, out, plot=False)
             print(f"wrote {md}")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import types
 
 import torch
 
@@ -52,8 +53,14 @@ def _unet_inputs(args, kwargs):
     return sample, emb
 
 
+def _tracing() -> bool:
+    """Inside a graph capture (dynamo, torch.jit.trace, ONNX export): the hooks stay out of it.
+    ONNX export traces the UNet with spm_rt's layers swapped for its own graph modules."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def _pre_hook(module, args, kwargs):
-    if torch.compiler.is_compiling():
+    if _tracing():
         return None
     state = _state(module)
     if state is None:
@@ -85,7 +92,7 @@ def _pre_hook(module, args, kwargs):
 
 
 def _post_hook(module, args, kwargs, output):
-    if torch.compiler.is_compiling():
+    if _tracing():
         return None
     state = _state(module)
     if state is None:
@@ -144,37 +151,38 @@ def lookup(state: GateState, emb, n: int):
     return None
 
 
-def hook_encode_prompt(rt) -> None:
-    """Wrap ``rt.pipe.encode_prompt`` on this pipeline instance so a direct ``pipe(...)`` call gets
-    the gates ``rt(...)`` would compute (see the module docstring)."""
-    pipe = rt.pipe
-    original = getattr(pipe, "encode_prompt", None)
-    if original is None or "encode_prompt" in pipe.__dict__:
-        return
-    signature = inspect.signature(original)
-
-    def encode_prompt(*args, **kwargs):
-        out = original(*args, **kwargs)
-        state = _state(pipe.unet)
-        if state is None or state.in_call() or state.passing_through():
-            return out
-        try:
-            bound = signature.bind(*args, **kwargs).arguments
-        except TypeError:
-            return out
-        prompt = bound.get("prompt")
-        if prompt is None or not isinstance(out, tuple) or len(out) < 2:
-            return out  # embeddings given without text: no gates can be computed, the UNet opens fully
-        per = int(bound.get("num_images_per_prompt") or 1)
-        gates = rt.gates(prompt)
-        remember(state, out[0], out[1], gates, per)
+def _encode_prompt(pipe, *args, **kwargs):
+    """The pipeline's own ``encode_prompt``, plus remembering the gates of what it encoded (bound
+    to the instance: ``copy.deepcopy`` rebinds it to the copy and its own SPMPipeline)."""
+    original = type(pipe).encode_prompt
+    out = original(pipe, *args, **kwargs)
+    rt = pipe.__dict__.get("_spm_rt")
+    state = _state(pipe.unet)
+    if rt is None or state is None or state.in_call() or state.passing_through():
         return out
+    try:
+        bound = inspect.signature(original).bind(pipe, *args, **kwargs).arguments
+    except TypeError:
+        return out
+    prompt = bound.get("prompt")
+    if prompt is None or not isinstance(out, tuple) or len(out) < 2:
+        return out  # embeddings given without text: no gates can be computed, the UNet opens fully
+    per = int(bound.get("num_images_per_prompt") or 1)
+    remember(state, out[0], out[1], rt.gates(prompt), per)
+    return out
 
-    encode_prompt.__wrapped__ = original
-    pipe.__dict__["encode_prompt"] = encode_prompt
+
+def hook_encode_prompt(rt) -> None:
+    """Wrap ``rt.pipe.encode_prompt`` on this pipeline instance (an instance attribute: no class
+    is patched) so a direct ``pipe(...)`` call gets the gates ``rt(...)`` would compute (see the
+    module docstring)."""
+    pipe = rt.pipe
+    if getattr(type(pipe), "encode_prompt", None) is None or "encode_prompt" in pipe.__dict__:
+        return
+    pipe.__dict__["encode_prompt"] = types.MethodType(_encode_prompt, pipe)
 
 
 def unhook_encode_prompt(pipe) -> None:
     fn = pipe.__dict__.get("encode_prompt")
-    if fn is not None and getattr(fn, "__wrapped__", None) is not None:
+    if getattr(fn, "__func__", None) is _encode_prompt:
         del pipe.__dict__["encode_prompt"]

@@ -147,8 +147,7 @@ class Transport:
         tok = self._tokenuni_sets(prompt_tokens).to(emb.device)
         if self.metric == "tokenuni":
             return tok
-        e = emb.reshape(emb.shape[0], -1).double()
-        e = e / e.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        e = self._normalized(emb)  # the one normalisation of clipcos (text and encoded paths alike)
         cos = e @ self._concept_emb.to(e.device).t()
         return cos if self.metric == "clipcos" else torch.maximum(cos, tok)
 

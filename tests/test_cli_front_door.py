@@ -2,7 +2,6 @@
 the flag, shipped SPMs by name, the extra a missing dependency belongs to, no third-party noise."""
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 from pathlib import Path

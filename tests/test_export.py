@@ -14,7 +14,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 import spm_rt  # noqa: E402
-from spm_rt import use_gates  # noqa: E402
+from spm_rt import gates_off, use_gates  # noqa: E402
 from spm_rt.formats import adapted_modules  # noqa: E402
 from spm_rt.testing import random_spm, tiny_pipeline  # noqa: E402
 from spm_rt.transport import encode_prompts  # noqa: E402
@@ -72,8 +72,9 @@ def unet_inputs(pipe, rows, seed=0):
 
 def torch_unet(pipe, x, kwargs, row_gates=None):
     with torch.no_grad():
-        if row_gates is None:
-            return pipe.unet(x["sample"], x["timestep"], x["encoder_hidden_states"], **kwargs).sample.numpy()
+        if row_gates is None:  # the base UNet: asked for (outside a call a patched UNet erases, gates 1)
+            with gates_off(pipe):
+                return pipe.unet(x["sample"], x["timestep"], x["encoder_hidden_states"], **kwargs).sample.numpy()
         with use_gates(pipe, row_gates, rows=True):
             return pipe.unet(x["sample"], x["timestep"], x["encoder_hidden_states"], **kwargs).sample.numpy()
 

@@ -38,6 +38,20 @@ def test_direct_pipe_call_gets_the_gates_rt_would_give(spm_files):
     np.testing.assert_array_equal(_gen(pipe, ["a red circle", "a blue square"]), base)
 
 
+def test_direct_call_on_a_deep_copy_uses_the_copys_own_spms(spm_files):
+    import copy
+
+    pipe = tiny_pipeline(0)
+    spm_rt.compile(pipe, spm_files[:1])
+    pipe2 = copy.deepcopy(pipe)
+    rt2 = pipe2._spm_rt
+    rt2.set_spms(spm_files[1:2])
+    with torch.no_grad():
+        next(pipe2.text_encoder.parameters()).mul_(1.5)  # the copy encodes differently now
+    np.testing.assert_array_equal(_gen(pipe2, ["a red circle"]), _gen(rt2, ["a red circle"]))
+    assert pipe2.encode_prompt.__self__ is pipe2
+
+
 def test_bare_unet_outside_a_call_runs_with_every_membrane_open(pipe, spm_files):
     sample, t, emb = unet_inputs(pipe, 2)
     with torch.no_grad():
