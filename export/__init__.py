@@ -24,6 +24,7 @@ _LAZY = {
     "concept_initializers": "spm_rt.export.onnx",
     "ONNXPipeline": "spm_rt.export.ort",
     "run_onnx_pipeline": "spm_rt.export.ort",
+    "optimized_graph_signature": "spm_rt.export.ort",
     "build_engines": "spm_rt.export.trt",
     "refit_engines": "spm_rt.export.trt",
     "is_tensorrt_available": "spm_rt.export.trt",

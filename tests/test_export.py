@@ -204,6 +204,32 @@ def test_folded_graph_equals_merged_pytorch(tmp_path):
         set_onnx_spms(tmp_path, spms_for(pipe.unet, CONCEPTS_A))
 
 
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_folded_graph_runs_the_base_graph_with_other_weights(arch, tmp_path):
+    """The graph ONNX Runtime runs for a folded export (after all its optimizations) is node for
+    node the base graph's: same ops, attributes and initializer shapes/types, same initializer
+    names in the file; only weight values differ. So a folded UNet costs what the base UNet costs."""
+    from spm_rt.export.ort import optimized_graph_signature
+
+    pipe = tiny_pipeline(0, arch)
+    rt = spm_rt.compile(pipe, spms_for(pipe.unet, CONCEPTS_A), transport="fixed")
+    try:
+        for mode in ("none", "folded"):
+            export_onnx(rt, tmp_path / mode, gates=mode, components=("unet",), check=False)
+    finally:
+        rt.remove()
+    graphs = {m: onnx.load(str(tmp_path / m / "unet" / "model.onnx")) for m in ("none", "folded")}
+    inits = {m: {i.name: (list(i.dims), i.data_type) for i in g.graph.initializer} for m, g in graphs.items()}
+    assert inits["folded"] == inits["none"]
+    values = {m: {i.name: onnx.numpy_helper.to_array(i) for i in g.graph.initializer} for m, g in graphs.items()}
+    changed = [n for n in values["none"] if not np.array_equal(values["none"][n], values["folded"][n])]
+    assert changed and all(n.endswith(".weight") for n in changed)  # the merged weights, nothing else
+    assert len(changed) == len(adapted_modules(pipe.unet))
+    base = optimized_graph_signature(tmp_path / "none" / "unet" / "model.onnx")
+    folded = optimized_graph_signature(tmp_path / "folded" / "unet" / "model.onnx")
+    assert len(base) > 100 and folded == base
+
+
 def test_float16_unet_graph_runs_close_to_float32(tmp_path):
     pipe = tiny_pipeline(0)
     rt = spm_rt.compile(pipe, spms_for(pipe.unet, CONCEPTS_A))
