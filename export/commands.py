@@ -59,11 +59,24 @@ def _cmd_onnx(args) -> int:
 
 
 def _cmd_check(args) -> int:
+    from spm_rt.cli_common import CLIError
     from spm_rt.export.onnx import check_onnx
 
     _check_onnx_dir(args.onnx)
     for f in check_onnx(args.onnx):
         print(f"ok: {f}")
+    if args.tensorrt:
+        from spm_rt.export.trt_check import check_tensorrt
+
+        try:
+            report = check_tensorrt(args.onnx, shapes=args.shapes)
+        except (ImportError, RuntimeError, ValueError) as exc:
+            raise CLIError(f"export check --tensorrt: {exc}") from exc
+        for name, r in report.items():
+            ins = ", ".join(f"{i['name']}{i['shape']}" for i in r["inputs"])
+            outs = ", ".join(f"{o['name']}{o['shape']}" for o in r["outputs"])
+            print(f"ok (TensorRT parser, {r['tensorrt']}): {r['file']}  {r['layers']} layers  ({ins}) -> ({outs})"
+                  f"  refittable weights: {len(r['refittable'])}")
     return 0
 
 
@@ -160,6 +173,11 @@ def add_subcommands(subparsers) -> None:
 
     p = sub.add_parser("check", help="onnx.checker and strict shape inference on an exported folder")
     p.add_argument("--onnx", required=True)
+    p.add_argument("--tensorrt", action="store_true",
+                   help="also parse every graph with TensorRT's ONNX parser (tensorrt or tensorrt-rtx-cu12; no GPU "
+                        "needed) and check inputs, outputs, dynamic axes, profile and refittable weights")
+    p.add_argument("--shapes", help="with --tensorrt: the profile to check, MIN/OPT/MAX as BATCHxHEIGHTxWIDTH "
+                                    "(default 1..4 images at the model's size)")
     p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser("run", help="generate images from an exported folder with ONNX Runtime")
