@@ -273,6 +273,7 @@ def optimized_graph_signature(onnx_path: str | os.PathLike, *, session_options=N
         session_options = ort.SessionOptions()
         session_options.intra_op_num_threads = 1
         session_options.inter_op_num_threads = 1
+        session_options.log_severity_level = 3  # not the NCHWc "hardware specific" warning of every save
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "optimized.onnx"
         session_options.optimized_model_filepath = str(out)
