@@ -1,4 +1,4 @@
-"""``spm-rt export ...`` subcommands: onnx, check, run, engine, refit. Thin: parse, call the library,
+"""``spm-rt export ...`` subcommands: onnx, check, run, engine, refit, triton. Thin: parse, call the library,
 print/save. Heavy imports happen inside the handlers."""
 from __future__ import annotations
 
@@ -117,6 +117,16 @@ def _cmd_engine(args) -> int:
     return 0
 
 
+def _cmd_triton(args) -> int:
+    from spm_rt.export.triton import export_triton
+
+    _check_onnx_dir(args.onnx)
+    for name, path in export_triton(args.onnx, args.out, max_batch_size=args.max_batch_size,
+                                    max_queue_delay_us=args.max_queue_delay_us, link=args.link).items():
+        print(f"{name}: {path}")
+    return 0
+
+
 def _cmd_refit(args) -> int:
     from spm_rt.cli_common import CLIError
     from spm_rt.export.trt import refit_engines
@@ -135,7 +145,7 @@ def _cmd_refit(args) -> int:
 
 
 def add_subcommands(subparsers) -> None:
-    """Register ``spm-rt export {onnx,check,run,engine,refit}``."""
+    """Register ``spm-rt export {onnx,check,run,engine,refit,triton}``."""
     from spm_rt.cli_common import MODEL_HELP, add_spm_argument, add_threads_argument
     from spm_rt.commands import add_generation_defaults
 
@@ -204,6 +214,16 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--graphs", help="comma-separated subset of text_encoder,unet,vae_decoder")
     p.add_argument("--workspace-gb", type=float)
     p.set_defaults(func=_cmd_engine)
+
+    p = sub.add_parser("triton", help="a Triton Inference Server model repository (ONNX Runtime backend, dynamic "
+                                      "batching, gates per request) from an exported folder")
+    p.add_argument("--onnx", required=True, help="folder written by 'spm-rt export onnx'")
+    p.add_argument("--out", required=True, help="model repository folder")
+    p.add_argument("--max-batch-size", type=int, default=8,
+                   help="rows per batched call (UNet rows: 2 per prompt with classifier-free guidance)")
+    p.add_argument("--max-queue-delay-us", type=int, default=2000)
+    p.add_argument("--link", action="store_true", help="symlink the ONNX files instead of copying them")
+    p.set_defaults(func=_cmd_triton)
 
     p = sub.add_parser("refit", help="swap the SPM set of refittable TensorRT engines without a rebuild")
     p.add_argument("--engine", required=True, help="folder written by 'spm-rt export engine --refittable'")

@@ -585,6 +585,37 @@ def test_engine_network_keeps_gates_and_marks_only_spm_weights(sd15):
     del parser
 
 
+def test_triton_repository_configs_parse_and_match_the_graphs(sdxl, tmp_path, capsys):
+    """``spm-rt export triton``: one model per graph with dynamic batching and gates a per-request
+    input; every config.pbtxt parses with Triton's ModelConfig protobuf and names the graph's own
+    inputs/outputs, with the batch axis left to Triton and the other dims as ONNX Runtime sees them."""
+    from spm_rt.cli import main
+
+    pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="needs tritonclient[grpc] (the test extra)")
+    from spm_rt.export.triton import parse_triton_config, triton_config
+
+    repo = tmp_path / "repo"
+    assert main(["export", "triton", "--onnx", str(sdxl["dir"]), "--out", str(repo), "--max-batch-size", "6"]) == 0
+    assert capsys.readouterr().out.count("config.pbtxt") == 3
+    for graph in ("text_encoder", "unet", "vae_decoder"):
+        config = parse_triton_config(repo / graph / "config.pbtxt")
+        assert config.name == graph and config.backend == "onnxruntime" and config.max_batch_size == 6
+        assert list(config.dynamic_batching.preferred_batch_size) == [1, 2, 4, 6]
+        sess = ort.InferenceSession(str(repo / graph / "1" / "model.onnx"), session_options(),
+                                    providers=["CPUExecutionProvider"])
+        for declared, actual in ((config.input, sess.get_inputs()), (config.output, sess.get_outputs())):
+            assert [t.name for t in declared] == [t.name for t in actual]
+            for t, a in zip(declared, actual):
+                want = [-1 if isinstance(d, str) else d for d in a.shape[1:]]
+                assert (list(t.dims) or None) == (want or None) or (list(t.dims) == [1] and not want
+                                                                    and t.HasField("reshape")), (graph, t.name)
+    unet = parse_triton_config(repo / "unet" / "config.pbtxt")
+    gates = [t for t in unet.input if t.name == "gates"][0]
+    assert list(gates.dims) == [sdxl["manifest"]["k_max"]]  # [rows, k_max]: batched per request
+    with pytest.raises(ValueError, match="max_batch_size"):
+        triton_config(sdxl["manifest"], "unet", max_batch_size=0)
+
+
 def _has_trt_gpu():
     from spm_rt.export.trt import is_tensorrt_available
 
