@@ -277,14 +277,15 @@ def main(argv=None) -> int:
     info = export_all(args.arch, args.latent, ks, work)
     graphs = info["graphs"]
     base_feeds = _feeds(info["unet"], args.latent, 0)
-    signatures = {name: optimized_graph_signature(path) for name, path in graphs.items()}
-    folded_equals_base = signatures["folded"] == signatures["base"]
-    print(f"folded graph == base graph after ORT optimization: {folded_equals_base}", flush=True)
-    rows = []
     plan = [("base-vs-base", "base", 0), ("folded", "folded", 0)] + [(f"input-K{k}", f"input-K{k}", k) for k in ks]
     if args.only:
         keep = set(args.only.split(","))
         plan = [p for p in plan if p[0] in keep]
+    signatures = {name: optimized_graph_signature(graphs[name])
+                  for name in dict.fromkeys(["base", "folded"] + [g for _, g, _ in plan])}
+    folded_equals_base = signatures["folded"] == signatures["base"]
+    print(f"folded graph == base graph after ORT optimization: {folded_equals_base}", flush=True)
+    rows = []
     for name, graph, k in plan:
         feeds = _feeds(info["unet"], args.latent, k)
         r = time_pair(graphs["base"], graphs[graph], base_feeds, feeds, args.rounds, args.threads)
