@@ -190,6 +190,15 @@ def _cpu() -> str:
     return platform.processor() or "unknown"
 
 
+def _median_ci(ratios: list[float], n: int = 2000) -> tuple[float, float]:
+    """Percentile-bootstrap 95% interval of the median per-round ratio (fixed seed)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    medians = np.median(rng.choice(np.asarray(ratios), size=(n, len(ratios))), axis=1)
+    return float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))
+
+
 def report(result: dict, out: Path) -> None:
     """Markdown table and PNG (ratio to base vs K) from the JSON result."""
     rows = result["rows"]
@@ -199,13 +208,17 @@ def report(result: dict, out: Path) -> None:
              f"{result['latent']} latents), float32, {result['threads']} intra-op thread(s), "
              f"{result['rounds']} alternating rounds per row, process CPU time. "
              f"Load average before/after each row in the last column ({result['hardware']['cpu_count']} cores, "
-             f"shared). Ratio = median of per-round variant/base ratios; spread = min-max of those ratios.", "",
-             "| graph | K | ratio to base | spread | wall-clock ratio | target | ORT nodes | branch FLOPs | load |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"shared). Ratio = median of per-round variant/base ratios; spread = min-max of those ratios; CI = percentile "
+             f"bootstrap of that median.", "",
+             "| graph | K | ratio to base | 95% CI of the median | spread | wall-clock ratio | target | ORT nodes "
+             "| branch FLOPs | load |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         target = r.get("target")
         share = r.get("branch_share")
-        lines.append(f"| {r['name']} | {r['k'] or '-'} | {r['ratio']:.3f} | {r['spread'][0]:.3f}-{r['spread'][1]:.3f} "
+        lo, hi = _median_ci(r["ratios"])
+        lines.append(f"| {r['name']} | {r['k'] or '-'} | {r['ratio']:.3f} | {lo:.3f}-{hi:.3f} "
+                     f"| {r['spread'][0]:.3f}-{r['spread'][1]:.3f} "
                      f"| {r['wall_ratio']:.3f} | {'<= %.2f' % target if target else '-'} | {r['ort_nodes']} "
                      f"| {'%.1f%%' % (100 * share) if share is not None else '-'} "
                      f"| {r['loadavg_1min'][0]}/{r['loadavg_1min'][1]} |")
@@ -260,7 +273,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(BENCH_DIR / "results" / "onnx"))
     p.add_argument("--work", help="folder for the exported graphs (reused when present)")
     p.add_argument("--only", help="comma-separated rows to time (e.g. folded,input-K64); default all")
+    p.add_argument("--report", help="only rewrite the Markdown and PNG from this JSON result")
     args = p.parse_args(argv)
+    if args.report:
+        report(json.loads(Path(args.report).read_text()), Path(args.report).parent)
+        return 0
 
     import torch
 
