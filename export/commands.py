@@ -181,7 +181,8 @@ def add_subcommands(subparsers) -> None:
                    help="weights in a separate file (auto: when over 2 GB)")
     p.set_defaults(func=_cmd_onnx)
 
-    p = sub.add_parser("check", help="onnx.checker and strict shape inference on an exported folder")
+    p = sub.add_parser("check", help="onnx.checker and strict shape inference on an exported folder "
+                                     "(--tensorrt: also TensorRT's ONNX parser, no GPU needed)")
     p.add_argument("--onnx", required=True)
     p.add_argument("--tensorrt", action="store_true",
                    help="also parse every graph with TensorRT's ONNX parser (tensorrt or tensorrt-rtx-cu12; no GPU "
