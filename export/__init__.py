@@ -34,13 +34,13 @@ else:
         "concept_initializers": "spm_rt.export.onnx",
         "ONNXPipeline": "spm_rt.export.ort",
         "run_onnx_pipeline": "spm_rt.export.ort",
+        "optimized_graph_signature": "spm_rt.export.ort",
         "build_engines": "spm_rt.export.trt",
         "refit_engines": "spm_rt.export.trt",
         "is_tensorrt_available": "spm_rt.export.trt",
     }
 
     __all__ = sorted(_LAZY)
-
 
     def __getattr__(name: str):
         module = _LAZY.get(name)
@@ -49,7 +49,6 @@ else:
         value = getattr(importlib.import_module(module), name)
         globals()[name] = value
         return value
-
 
     def __dir__():
         return sorted(list(globals()) + __all__)

@@ -1,4 +1,4 @@
-"""``spm-rt export ...`` subcommands: onnx, check, run, engine, refit. Thin: parse, call the library,
+"""``spm-rt export ...`` subcommands: onnx, check, run, engine, refit, triton. Thin: parse, call the library,
 print/save. Heavy imports happen inside the handlers."""
 from __future__ import annotations
 
@@ -59,11 +59,24 @@ def _cmd_onnx(args) -> int:
 
 
 def _cmd_check(args) -> int:
+    from spm_rt.cli_common import CLIError
     from spm_rt.export.onnx import check_onnx
 
     _check_onnx_dir(args.onnx)
     for f in check_onnx(args.onnx):
         print(f"ok: {f}")
+    if args.tensorrt:
+        from spm_rt.export.trt_check import check_tensorrt
+
+        try:
+            report = check_tensorrt(args.onnx, shapes=args.shapes)
+        except (ImportError, RuntimeError, ValueError) as exc:
+            raise CLIError(f"export check --tensorrt: {exc}") from exc
+        for name, r in report.items():
+            ins = ", ".join(f"{i['name']}{i['shape']}" for i in r["inputs"])
+            outs = ", ".join(f"{o['name']}{o['shape']}" for o in r["outputs"])
+            print(f"ok (TensorRT parser, {r['tensorrt']}): {r['file']}  {r['layers']} layers  ({ins}) -> ({outs})"
+                  f"  refittable weights: {len(r['refittable'])}")
     return 0
 
 
@@ -104,6 +117,16 @@ def _cmd_engine(args) -> int:
     return 0
 
 
+def _cmd_triton(args) -> int:
+    from spm_rt.export.triton import export_triton
+
+    _check_onnx_dir(args.onnx)
+    for name, path in export_triton(args.onnx, args.out, max_batch_size=args.max_batch_size,
+                                    max_queue_delay_us=args.max_queue_delay_us, link=args.link).items():
+        print(f"{name}: {path}")
+    return 0
+
+
 def _cmd_refit(args) -> int:
     from spm_rt.cli_common import CLIError
     from spm_rt.export.trt import refit_engines
@@ -122,7 +145,7 @@ def _cmd_refit(args) -> int:
 
 
 def add_subcommands(subparsers) -> None:
-    """Register ``spm-rt export {onnx,check,run,engine,refit}``."""
+    """Register ``spm-rt export {onnx,check,run,engine,refit,triton}``."""
     from spm_rt.cli_common import MODEL_HELP, add_spm_argument, add_threads_argument
     from spm_rt.commands import add_generation_defaults
 
@@ -158,8 +181,14 @@ def add_subcommands(subparsers) -> None:
                    help="weights in a separate file (auto: when over 2 GB)")
     p.set_defaults(func=_cmd_onnx)
 
-    p = sub.add_parser("check", help="onnx.checker and strict shape inference on an exported folder")
+    p = sub.add_parser("check", help="onnx.checker and strict shape inference on an exported folder "
+                                     "(--tensorrt: also TensorRT's ONNX parser, no GPU needed)")
     p.add_argument("--onnx", required=True)
+    p.add_argument("--tensorrt", action="store_true",
+                   help="also parse every graph with TensorRT's ONNX parser (tensorrt or tensorrt-rtx-cu12; no GPU "
+                        "needed) and check inputs, outputs, dynamic axes, profile and refittable weights")
+    p.add_argument("--shapes", help="with --tensorrt: the profile to check, MIN/OPT/MAX as BATCHxHEIGHTxWIDTH "
+                                    "(default 1..4 images at the model's size)")
     p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser("run", help="generate images from an exported folder with ONNX Runtime")
@@ -186,6 +215,16 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--graphs", help="comma-separated subset of text_encoder,unet,vae_decoder")
     p.add_argument("--workspace-gb", type=float)
     p.set_defaults(func=_cmd_engine)
+
+    p = sub.add_parser("triton", help="a Triton Inference Server model repository (ONNX Runtime backend, dynamic "
+                                      "batching, gates per request) from an exported folder")
+    p.add_argument("--onnx", required=True, help="folder written by 'spm-rt export onnx'")
+    p.add_argument("--out", required=True, help="model repository folder")
+    p.add_argument("--max-batch-size", type=int, default=8,
+                   help="rows per batched call (UNet rows: 2 per prompt with classifier-free guidance)")
+    p.add_argument("--max-queue-delay-us", type=int, default=2000)
+    p.add_argument("--link", action="store_true", help="symlink the ONNX files instead of copying them")
+    p.set_defaults(func=_cmd_triton)
 
     p = sub.add_parser("refit", help="swap the SPM set of refittable TensorRT engines without a rebuild")
     p.add_argument("--engine", required=True, help="folder written by 'spm-rt export engine --refittable'")

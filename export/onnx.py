@@ -147,6 +147,7 @@ class _SPMExportLayer(nn.Module):
         self.k = stack.num_spms
         self.combine = combine
         self.conv = isinstance(base, nn.Conv2d)
+        self.out_features, self.in_features = int(stack.up.shape[0]), int(stack.down.shape[1])
 
     def _coefficients(self, z: torch.Tensor, gates: torch.Tensor, k_axis: int) -> torch.Tensor:
         # z: K on axis k_axis, rank on k_axis + 1; gates [N, K] float32. The runtime's own gating
@@ -160,11 +161,14 @@ class _SPMExportLayer(nn.Module):
         if self.conv:  # x [N, in, H, W]
             z = torch.matmul(self.down, x.flatten(2))  # [N, K*r, HW]
             c = self._coefficients(z.unflatten(1, (self.k, self.rank)), gates, 1).flatten(1, 2)
-            return y + torch.matmul(self.up, c).reshape(y.shape)  # [N, out, HW] -> NCHW
-        in_f = x.shape[-1]
-        z = F.linear(x.reshape(-1, in_f), self.down)  # [M, K*r] (Gemm, transB)
+            return y + torch.matmul(self.up, c).reshape_as(y)  # [N, out, HW] -> NCHW
+        # feature sizes as Python ints: constant Reshape targets, no Shape/Gather/Concat per module
+        z = F.linear(x.reshape(-1, self.in_features), self.down)  # [M, K*r] (Gemm, transB)
         c = self._coefficients(z.reshape(n, -1, self.k, self.rank), gates, 2).reshape(-1, kr)
-        return y + F.linear(c, self.up).reshape(y.shape)  # Gemm, transB
+        # one Gemm (transB) adds the branch to the base output in place of a separate Add pass over
+        # [M, out]; reshape_as exports as Reshape(.., Shape(y)) instead of rebuilding y's shape
+        # from gathered dims (8 small nodes per module)
+        return torch.addmm(y.reshape(-1, self.out_features), c, self.up.t()).reshape_as(y)  # [M, out] -> y's shape
 
 
 def _padded(gates: torch.Tensor, k: int) -> torch.Tensor:
@@ -336,11 +340,22 @@ def _gemm_for_transposed_weights(graph, prefix: str) -> int:
         if perm and perm[0] != [1, 0]:
             continue
         users = consumers.get(node.output[0], [])
-        if not users or any(u.op_type != "MatMul" or list(u.input).index(node.output[0]) != 1 for u in users):
+
+        def plain_b(u):  # the transposed weight is B of a MatMul, or of a Gemm without transB
+            if list(u.input).index(node.output[0]) != 1:
+                return False
+            if u.op_type == "MatMul":
+                return True
+            attrs = {a.name: a for a in u.attribute}
+            return (u.op_type == "Gemm" and "transA" not in attrs or attrs["transA"].i == 0) and \
+                ("transB" not in attrs or attrs["transB"].i == 0)
+
+        if not users or not all(plain_b(u) for u in users):
             continue
         for mm in users:
-            gemm = helper.make_node("Gemm", [mm.input[0], node.input[0]], list(mm.output), name=mm.name + "_gemm",
-                                    transB=1)
+            attrs = {a.name: helper.get_attribute_value(a) for a in mm.attribute if a.name in ("alpha", "beta")}
+            gemm = helper.make_node("Gemm", [mm.input[0], node.input[0], *mm.input[2:]], list(mm.output),
+                                    name=mm.name + "_gemm", transB=1, **attrs)
             mm.CopyFrom(gemm)
             rewrites += 1
         drop.append(node)

@@ -249,4 +249,48 @@ def run_onnx_pipeline(onnx_dir: str | os.PathLike, prompts: str | list[str], *, 
                   negative_prompt=negative_prompt, gates=gates, output_type=output_type, progress=progress)
 
 
-__all__ = ["ONNXPipeline", "run_onnx_pipeline"]
+def optimized_graph_signature(onnx_path: str | os.PathLike, *, session_options=None,
+                              providers: list[str] | None = None) -> list[tuple]:
+    """The graph ONNX Runtime actually runs, as comparable data: load ``onnx_path`` with
+    ``session_options`` (default: ORT's, all optimizations, one thread), save the optimized model
+    (``SessionOptions.optimized_model_filepath``, weights to a scratch file) and return one entry
+    per node, in execution order: ``(op_type, domain, attributes, inputs)``, where an input is
+    ``("init", dims, dtype)`` for an initializer and ``("value",)`` otherwise. Two graphs with equal
+    signatures run the same kernels on same-shaped weights: they differ only in weight values.
+
+    Example::
+
+        >>> a = optimized_graph_signature("base/unet/model.onnx")  # doctest: +SKIP
+        >>> a == optimized_graph_signature("folded/unet/model.onnx")  # doctest: +SKIP
+        True
+    """
+    import tempfile
+
+    import onnx
+
+    ort = _require_ort()
+    if session_options is None:
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = 1
+        session_options.inter_op_num_threads = 1
+        session_options.log_severity_level = 3  # not the NCHWc "hardware specific" warning of every save
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "optimized.onnx"
+        session_options.optimized_model_filepath = str(out)
+        session_options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                                 "optimized.onnx_data")
+        session_options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                                 "1024")
+        ort.InferenceSession(str(onnx_path), session_options, providers=providers or ["CPUExecutionProvider"])
+        session_options.optimized_model_filepath = ""
+        model = onnx.load(str(out), load_external_data=False)
+    inits = {i.name: (tuple(i.dims), int(i.data_type)) for i in model.graph.initializer}
+    signature = []
+    for node in model.graph.node:
+        attrs = tuple(sorted((a.name, repr(onnx.helper.get_attribute_value(a))) for a in node.attribute))
+        ins = tuple(("init",) + inits[i] if i in inits else ("value",) for i in node.input)
+        signature.append((node.op_type, node.domain, attrs, ins))
+    return signature
+
+
+__all__ = ["ONNXPipeline", "run_onnx_pipeline", "optimized_graph_signature"]

@@ -9,6 +9,7 @@ export/README.md for what was and was not run.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import threading
@@ -23,28 +24,65 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 ENGINE_SUFFIX = ".plan"
 
 
-@functools.lru_cache(maxsize=1)
+# The TensorRT Python packages spm_rt can use, in order of preference: the standard one (engines for
+# every NVIDIA GPU, Hopper included) and TensorRT for RTX (``pip install tensorrt-rtx-cu12``, import
+# name ``tensorrt_rtx``), whose Builder, network definition and ONNX parser work without a GPU
+# (only ``build_serialized_network`` needs a CUDA driver): what the CI parse check uses.
+TENSORRT_MODULES = ("tensorrt", "tensorrt_rtx")
+_INSTALL_HINT = ("pip install 'spm_rt[trt]' (TensorRT >= 10, engines need an NVIDIA GPU), or "
+                 "pip install tensorrt-rtx-cu12 (TensorRT for RTX: parses graphs and marks weights without a GPU)")
+
+
+@functools.lru_cache(maxsize=None)
+def _tensorrt_module(preferred: str | None = None):
+    names = (preferred,) if preferred else TENSORRT_MODULES
+    for name in names:
+        try:
+            return importlib.import_module(name)
+        except Exception:  # ImportError, or a broken install (missing shared library)
+            continue
+    return None
+
+
+def import_tensorrt(preferred: str | None = None):
+    """The TensorRT Python module: ``tensorrt`` if it imports, else ``tensorrt_rtx`` (or only
+    ``preferred``; the environment variable ``SPM_RT_TENSORRT`` sets the default). No GPU needed.
+
+    Example::
+
+        >>> trt = import_tensorrt()  # doctest: +SKIP
+        >>> trt.__name__  # doctest: +SKIP
+        'tensorrt_rtx'
+    """
+    preferred = preferred or os.environ.get("SPM_RT_TENSORRT") or None
+    if preferred is not None and preferred not in TENSORRT_MODULES:
+        raise ValueError(f"SPM_RT_TENSORRT / preferred must be one of {TENSORRT_MODULES}, got {preferred!r}")
+    trt = _tensorrt_module(preferred)
+    if trt is None:
+        wanted = preferred or " or ".join(TENSORRT_MODULES)
+        raise ImportError(f"TensorRT needs the {wanted} Python package, which does not import here: {_INSTALL_HINT}")
+    return trt
+
+
 def is_tensorrt_available() -> bool:
-    """True when the ``tensorrt`` Python package imports (says nothing about a GPU)."""
+    """True when a TensorRT Python package (``tensorrt`` or ``tensorrt_rtx``) imports (says
+    nothing about a GPU)."""
     try:
-        import tensorrt  # noqa: F401
-    except Exception:
+        import_tensorrt()
+    except (ImportError, ValueError):
         return False
     return True
 
 
 def _require_tensorrt():
-    """Import tensorrt and check for a CUDA GPU, with an error that names what is missing."""
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise ImportError("TensorRT engines need the tensorrt Python package, which is not installed: "
-                          "pip install 'spm_rt[trt]' (TensorRT >= 10, on a machine with an NVIDIA GPU)") from exc
+    """Import TensorRT and check for a CUDA GPU (engines need one), with an error naming what is missing."""
+    trt = import_tensorrt()
     import torch
 
     if not torch.cuda.is_available():
-        raise RuntimeError("TensorRT needs an NVIDIA GPU with CUDA, and none is visible here "
-                           "(torch.cuda.is_available() is False)")
+        raise RuntimeError("TensorRT engines need an NVIDIA GPU with CUDA, and none is visible here "
+                           "(torch.cuda.is_available() is False); 'spm-rt export check --tensorrt' parses "
+                           "the graphs without one")
     return trt
 
 
@@ -181,40 +219,58 @@ def _progress_monitor_class(trt):
     return TqdmProgressMonitor
 
 
-def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike,
-                 profiles: dict[str, tuple[tuple[int, ...], ...]], *, precision: str = "fp32",
-                 refittable: bool = False, refit_names: list[str] | None = None,
-                 workspace_gb: float | None = None, progress: bool = True) -> Path:
-    """Build one serialized engine from one ONNX graph (external data is read by the parser).
-
-    ``refittable``: with TensorRT's per-weight refit (``BuilderFlag.REFIT_INDIVIDUAL`` and
-    ``INetworkDefinition.mark_weights_refittable``) only ``refit_names`` stay refittable and
-    the base weights are optimized freely; on TensorRT without it, ``BuilderFlag.REFIT``.
+def parse_onnx(onnx_path: str | os.PathLike, *, trt=None):
+    """Parse one ONNX graph (external data included) with TensorRT's ONNX parser into a network
+    definition; no GPU needed. Returns ``(builder, network, parser, logger)`` (the parser owns the
+    weights the network refers to: keep it alive with the network). Raises with every parser error.
 
     Example::
 
-        >>> build_engine("out/onnx/unet/model.onnx", "out/trt/unet.plan", profiles, precision="fp16")  # doctest: +SKIP
+        >>> builder, network, parser, _ = parse_onnx("out/onnx/unet/model.onnx")  # doctest: +SKIP
+        >>> [network.get_input(i).name for i in range(network.num_inputs)]  # doctest: +SKIP
+        ['sample', 'timestep', 'encoder_hidden_states', 'gates']
     """
-    trt = _require_tensorrt()
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    logger = trt.Logger(trt.Logger.WARNING)
+    trt = trt or import_tensorrt()
+    logger = trt.Logger(trt.Logger.ERROR)
     builder = trt.Builder(logger)
     flags = 0
-    if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH") and int(trt.__version__.split(".")[0]) < 10:
+    if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH") and int(trt.__version__.split(".")[0]) < 10 \
+            and trt.__name__ == "tensorrt":
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+        raise RuntimeError(f"TensorRT ({trt.__name__} {trt.__version__}) could not parse {onnx_path}: {errors}")
+    return builder, network, parser, logger
+
+
+def engine_config(builder, network, profiles: dict[str, tuple[tuple[int, ...], ...]], *, precision: str = "fp32",
+                  refittable: bool = False, refit_names: list[str] | None = None,
+                  workspace_gb: float | None = None, trt=None):
+    """The builder config of one engine, on a parsed network (no GPU needed): precision, one
+    optimization profile, and with ``refittable`` TensorRT's per-weight refit
+    (``BuilderFlag.REFIT_INDIVIDUAL`` + ``INetworkDefinition.mark_weights_refittable``): only
+    ``refit_names`` are marked, every other weight stays a constant the builder may fold and fuse.
+    On a TensorRT without per-weight refit, ``BuilderFlag.REFIT`` (every weight refittable).
+
+    TensorRT for RTX builds strongly typed networks only (no FP16/BF16 flags): the precision is
+    the ONNX graph's (``spm-rt export onnx --dtype float16``); ``precision`` other than fp32 is an
+    error there.
+    """
+    trt = trt or import_tensorrt()
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     config = builder.create_builder_config()
     if workspace_gb:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
+    if precision != "fp32":
+        flag = getattr(trt.BuilderFlag, precision.upper(), None)
+        if flag is None:
+            raise ValueError(f"{trt.__name__} {trt.__version__} has no {precision.upper()} builder flag (TensorRT for "
+                             f"RTX builds strongly typed networks): export the graph in that dtype instead "
+                             f"(spm-rt export onnx --dtype float16) and build it as fp32")
+        config.set_flag(flag)
     profile = builder.create_optimization_profile()
     for name, (mn, opt, mx) in profiles.items():
         profile.set_shape(name, mn, opt, mx)
@@ -224,9 +280,28 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike,
             config.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
             unknown = [n for n in (refit_names or []) if not network.mark_weights_refittable(n)]
             if unknown:
-                raise RuntimeError(f"TensorRT did not find weights named {unknown[:3]} in {onnx_path}")
+                raise RuntimeError(f"TensorRT did not find weights named {unknown[:3]} in the network")
         else:
             config.set_flag(trt.BuilderFlag.REFIT)
+    return config
+
+
+def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike,
+                 profiles: dict[str, tuple[tuple[int, ...], ...]], *, precision: str = "fp32",
+                 refittable: bool = False, refit_names: list[str] | None = None,
+                 workspace_gb: float | None = None, progress: bool = True) -> Path:
+    """Build one serialized engine from one ONNX graph (external data is read by the parser):
+    :func:`parse_onnx`, :func:`engine_config`, then ``build_serialized_network`` (needs a GPU).
+
+    Example::
+
+        >>> build_engine("out/onnx/unet/model.onnx", "out/trt/unet.plan", profiles, refittable=True,
+        ...              refit_names=refittable_names(manifest, "unet"))  # doctest: +SKIP
+    """
+    trt = _require_tensorrt()
+    builder, network, parser, _ = parse_onnx(onnx_path, trt=trt)
+    config = engine_config(builder, network, profiles, precision=precision, refittable=refittable,
+                           refit_names=refit_names, workspace_gb=workspace_gb, trt=trt)
     monitor = None
     if progress and hasattr(trt, "IProgressMonitor"):  # TensorRT >= 10
         monitor = _progress_monitor_class(trt)()
@@ -238,7 +313,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike,
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     with open(engine_path, "wb") as fh:
         fh.write(serialized)
-    del monitor
+    del monitor, parser
     return engine_path
 
 
@@ -319,9 +394,9 @@ def refit_engines(engine_dir: str | os.PathLike, spms, *, concepts=None, onnx_di
     not_refittable = [n for n, e in engines.items() if n in ("unet", "text_encoder") and not e.get("refittable")]
     if not_refittable:
         raise ValueError(f"engines {not_refittable} were built without --refittable; rebuild them to refit")
-    from spm_rt.export.onnx import _load_spms  # the same loader as the ONNX swap
+    from spm_rt.compile import load_spms  # the same loader as the ONNX swap
 
-    spms = _load_spms(spms, concepts)
+    spms = load_spms(spms, concepts)
     arrays: dict[str, dict[str, np.ndarray]] = {}
     if "unet" in engines:
         arrays["unet"] = spm_initializers(manifest, spms)

@@ -205,6 +205,32 @@ def test_folded_graph_equals_merged_pytorch(tmp_path):
         set_onnx_spms(tmp_path, spms_for(pipe.unet, CONCEPTS_A))
 
 
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_folded_graph_runs_the_base_graph_with_other_weights(arch, tmp_path):
+    """The graph ONNX Runtime runs for a folded export (after all its optimizations) is node for
+    node the base graph's: same ops, attributes and initializer shapes/types, same initializer
+    names in the file; only weight values differ. So a folded UNet costs what the base UNet costs."""
+    from spm_rt.export.ort import optimized_graph_signature
+
+    pipe = tiny_pipeline(0, arch)
+    rt = spm_rt.compile(pipe, spms_for(pipe.unet, CONCEPTS_A), transport="fixed")
+    try:
+        for mode in ("none", "folded"):
+            export_onnx(rt, tmp_path / mode, gates=mode, components=("unet",), check=False)
+    finally:
+        rt.remove()
+    graphs = {m: onnx.load(str(tmp_path / m / "unet" / "model.onnx")) for m in ("none", "folded")}
+    inits = {m: {i.name: (list(i.dims), i.data_type) for i in g.graph.initializer} for m, g in graphs.items()}
+    assert inits["folded"] == inits["none"]
+    values = {m: {i.name: onnx.numpy_helper.to_array(i) for i in g.graph.initializer} for m, g in graphs.items()}
+    changed = [n for n in values["none"] if not np.array_equal(values["none"][n], values["folded"][n])]
+    assert changed and all(n.endswith(".weight") for n in changed)  # the merged weights, nothing else
+    assert len(changed) == len(adapted_modules(pipe.unet))
+    base = optimized_graph_signature(tmp_path / "none" / "unet" / "model.onnx")
+    folded = optimized_graph_signature(tmp_path / "folded" / "unet" / "model.onnx")
+    assert len(base) > 100 and folded == base
+
+
 def test_float16_unet_graph_runs_close_to_float32(tmp_path):
     pipe = tiny_pipeline(0)
     rt = spm_rt.compile(pipe, spms_for(pipe.unet, CONCEPTS_A))
@@ -450,6 +476,145 @@ def test_trt_missing_is_a_clear_error(sd15, tmp_path, capsys):
     assert main(["export", "engine", "--onnx", str(sd15["dir"]), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert ("tensorrt" in err and "spm_rt[trt]" in err) or "GPU" in err
+
+
+def _has_trt():
+    from spm_rt.export.trt import is_tensorrt_available
+
+    return is_tensorrt_available()
+
+
+needs_trt_parser = pytest.mark.skipif(not _has_trt(), reason="needs tensorrt or tensorrt-rtx-cu12 (the test extra "
+                                                             "installs tensorrt-rtx on Linux x86_64)")
+
+
+@pytest.fixture(scope="module")
+def sd15_folded(tmp_path_factory):
+    return _export(tmp_path_factory, "sd15_folded", "sd15", CONCEPTS_A, "linear", gates="folded")
+
+
+@pytest.fixture(scope="module")
+def sdxl_folded(tmp_path_factory):
+    return _export(tmp_path_factory, "sdxl_folded", "sdxl", CONCEPTS_A, "official", gates="folded",
+                   components=("unet",))
+
+
+@needs_trt_parser
+@pytest.mark.parametrize("which", ["sd15", "sd15_official", "sdxl", "sd15_folded", "sdxl_folded"])
+def test_tensorrt_parses_every_exported_graph(request, which):
+    """TensorRT's ONNX parser (no GPU needed) takes every exported graph, text encoder with
+    Facilitated Transport, gates-input and folded UNets, VAE decoder, external data included, with
+    the manifest's inputs, outputs and dynamic axes; with per-weight refit exactly the SPM tensors
+    are marked."""
+    from spm_rt.export.trt_check import check_tensorrt
+
+    ex = request.getfixturevalue(which)
+    manifest = ex["manifest"]
+    report = check_tensorrt(ex["dir"])
+    assert set(report) == set(manifest["graphs"])
+    n_modules = len(adapted_modules(ex["pipe"].unet))
+    for name, r in report.items():
+        spec = manifest["graphs"][name]
+        assert [i["name"] for i in r["inputs"]] == [i["name"] for i in spec["inputs"]]
+        assert [o["name"] for o in r["outputs"]] == [o["name"] for o in spec["outputs"]]
+        assert r["layers"] > 50
+    unet = report["unet"]
+    assert unet["inputs"][0]["shape"] == [-1, 4, -1, -1]  # batch, height, width dynamic
+    if manifest["gates_mode"] == "input":
+        assert unet["inputs"][-1] == {"name": "gates", "shape": [-1, manifest["k_max"]], "dtype": "FLOAT"}
+        assert len(unet["refittable"]) == 3 * n_modules
+        assert all(n.startswith("spm.") for n in unet["refittable"])
+    else:
+        assert "gates" not in [i["name"] for i in unet["inputs"]] and unet["refittable"] == []
+    if "text_encoder" in report:
+        te = report["text_encoder"]
+        assert te["outputs"][1] == {"name": "gates", "shape": [-1, manifest["k_max"]], "dtype": "FLOAT"}
+        assert te["refittable"] and all(n.startswith("transport.") for n in te["refittable"])
+        if manifest["transport"] == "fixed":  # the folded export's text graph reports its fixed gates
+            assert te["refittable"] == ["transport.fixed_gates"]
+
+
+@needs_trt_parser
+def test_tensorrt_check_catches_manifest_mismatches(sd15, tmp_path, capsys):
+    from spm_rt.cli import main
+    from spm_rt.export.trt_check import check_tensorrt
+
+    assert main(["export", "check", "--onnx", str(sd15["dir"]), "--tensorrt"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("ok (TensorRT parser") == 3 and "refittable weights: 144" in out
+    copy = tmp_path / "copy"
+    shutil.copytree(sd15["dir"], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["graphs"]["unet"]["inputs"][0]["shape"][2] = 16  # 'height' claimed fixed
+    manifest["graphs"]["vae_decoder"]["outputs"][0]["name"] = "image"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RuntimeError) as err:
+        check_tensorrt(copy)
+    assert "sample axis 2: manifest 16, network -1" in str(err.value)
+    assert "output names" in str(err.value) and "image" in str(err.value)
+    assert main(["export", "check", "--onnx", str(copy), "--tensorrt"]) == 2
+    (copy / "unet" / "model.onnx").write_bytes(b"not a graph")
+    with pytest.raises(RuntimeError, match="could not parse"):
+        check_tensorrt(copy, graphs=("unet",))
+
+
+@needs_trt_parser
+def test_engine_network_keeps_gates_and_marks_only_spm_weights(sd15):
+    """What ``spm-rt export engine --refittable`` builds from, short of the GPU build: the parsed
+    network takes the gates as an input, and per-weight refit (REFIT_INDIVIDUAL) marks every
+    ``spm.*`` tensor and no base weight, so a new SPM set is a refit of the SPM weights alone."""
+    from spm_rt.export.trt import (default_shapes, engine_config, graph_profiles, import_tensorrt, parse_onnx,
+                                   refittable_names)
+
+    trt = import_tensorrt()
+    manifest = sd15["manifest"]
+    path = sd15["dir"] / "unet" / "model.onnx"
+    builder, network, parser, _ = parse_onnx(path)
+    assert "gates" in [network.get_input(i).name for i in range(network.num_inputs)]
+    names = refittable_names(manifest, "unet")
+    config = engine_config(builder, network, graph_profiles(manifest, "unet", default_shapes(manifest)),
+                           refittable=True, refit_names=names)
+    assert config.get_flag(trt.BuilderFlag.REFIT_INDIVIDUAL) and not config.get_flag(trt.BuilderFlag.REFIT)
+    inits = [i.name for i in onnx.load(str(path), load_external_data=False).graph.initializer]
+    marked = {n for n in inits if network.are_weights_marked_refittable(n)}
+    assert marked == set(names) and len(names) == 3 * len(adapted_modules(sd15["pipe"].unet))
+    base = [n for n in inits if n.endswith(".to_q.weight")]
+    assert base and not any(network.are_weights_marked_refittable(n) for n in base)
+    with pytest.raises(RuntimeError, match="did not find weights"):
+        engine_config(builder, network, graph_profiles(manifest, "unet", default_shapes(manifest)),
+                      refittable=True, refit_names=["spm.no.such.module.down"])
+    del parser
+
+
+def test_triton_repository_configs_parse_and_match_the_graphs(sdxl, tmp_path, capsys):
+    """``spm-rt export triton``: one model per graph with dynamic batching and gates a per-request
+    input; every config.pbtxt parses with Triton's ModelConfig protobuf and names the graph's own
+    inputs/outputs, with the batch axis left to Triton and the other dims as ONNX Runtime sees them."""
+    from spm_rt.cli import main
+
+    pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="needs tritonclient[grpc] (the test extra)")
+    from spm_rt.export.triton import parse_triton_config, triton_config
+
+    repo = tmp_path / "repo"
+    assert main(["export", "triton", "--onnx", str(sdxl["dir"]), "--out", str(repo), "--max-batch-size", "6"]) == 0
+    assert capsys.readouterr().out.count("config.pbtxt") == 3
+    for graph in ("text_encoder", "unet", "vae_decoder"):
+        config = parse_triton_config(repo / graph / "config.pbtxt")
+        assert config.name == graph and config.backend == "onnxruntime" and config.max_batch_size == 6
+        assert list(config.dynamic_batching.preferred_batch_size) == [1, 2, 4, 6]
+        sess = ort.InferenceSession(str(repo / graph / "1" / "model.onnx"), session_options(),
+                                    providers=["CPUExecutionProvider"])
+        for declared, actual in ((config.input, sess.get_inputs()), (config.output, sess.get_outputs())):
+            assert [t.name for t in declared] == [t.name for t in actual]
+            for t, a in zip(declared, actual):
+                want = [-1 if isinstance(d, str) else d for d in a.shape[1:]]
+                assert (list(t.dims) or None) == (want or None) or (list(t.dims) == [1] and not want
+                                                                    and t.HasField("reshape")), (graph, t.name)
+    unet = parse_triton_config(repo / "unet" / "config.pbtxt")
+    gates = [t for t in unet.input if t.name == "gates"][0]
+    assert list(gates.dims) == [sdxl["manifest"]["k_max"]]  # [rows, k_max]: batched per request
+    with pytest.raises(ValueError, match="max_batch_size"):
+        triton_config(sdxl["manifest"], "unet", max_batch_size=0)
 
 
 def _has_trt_gpu():
