@@ -1,6 +1,6 @@
 """ctypes loader of libspm_kernels: the gated SPM projection compiled ahead of time (no Triton JIT).
 
-The native library (``CMakeLists.txt`` at the repository root; see the README's "Native library")
+The native library (``CMakeLists.txt`` at the repository root; see docs/native.md)
 holds the Triton kernels of ``gated_linear.py`` as cubins for the architectures it was built for
 (sm_80 and sm_90 by default), so the first call launches at once. It is optional: nothing else in
 ``spm_rt`` needs it, and this module imports neither triton nor the library until asked.
@@ -195,7 +195,7 @@ def _load() -> ctypes.CDLL:
                  else f"looked in: {', '.join(_candidates())}")
         raise NativeUnavailableError(
             f"libspm_kernels not found ({where}). Build it with `cmake -S . -B build && cmake --build build -j2` "
-            f"(README: Native library) or set {ENV_VAR}; the Triton path (gated_spm_linear_triton) needs no "
+            f"(docs/native.md) or set {ENV_VAR}; the Triton path (gated_spm_linear_triton) needs no "
             "native library.")
     with _lock:
         lib = _loaded.get(path)

@@ -45,7 +45,7 @@ def _serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from spm_rt.cli_common import CLIError, load_spm_files, parse_concepts
+    from spm_rt.cli_common import CLIError, load_spm_files, parse_concepts, resolve_spm_names
     from spm_rt.serve import require_serve
 
     require_serve()
@@ -55,7 +55,7 @@ def _serve(args: argparse.Namespace) -> int:
             raise CLIError(f"{flag} {value}: must be >= {low}")
     if args.batch_wait_ms < 0:
         raise CLIError(f"--batch-wait-ms {args.batch_wait_ms}: must be >= 0")
-    files = args.spm or []
+    files = resolve_spm_names(args.spm, args.model) or []  # --spm circle: the shipped SPM for --model shapes
     spms = load_spm_files(files, parse_concepts(args.concepts, len(files)))  # bad files fail before Ray starts
     from spm_rt.cli_common import _ALIASES
     from spm_rt.models import EMBEDDED
