@@ -121,3 +121,18 @@ def test_short_attack_breaks_the_base_model(world):
         assert torch.equal(shown, (s_idx == 0) & (probs.amax(1) >= verdict.tau_shape))
     finally:
         rt.remove()
+
+
+def test_hardened_spms_ship_beside_the_plain_ones_with_the_same_layout():
+    """Latency of a hardened SPM is that of the plain one: same rank, same adapted modules."""
+    from spm_rt.world import hardened_spms
+
+    assert [p.name for p in shipped_spms()] == ["circle.safetensors", "red.safetensors"]
+    plain = {p.stem: spm_rt.load_spm(p) for p in shipped_spms()}
+    for path in hardened_spms():
+        hard = spm_rt.load_spm(path)
+        base = plain[path.stem.removesuffix("_hardened")]
+        assert hard.concepts == base.concepts and hard.rank == base.rank
+        assert {k: (w.down.shape, w.up.shape) for k, w in hard.weights.items()} == \
+            {k: (w.down.shape, w.up.shape) for k, w in base.weights.items()}
+        assert any(not torch.equal(hard.weights[k].up, base.weights[k].up) for k in base.weights)  # it was trained

@@ -59,6 +59,9 @@ def test_version(capsys):
     (["eval", "--spm", "missing.safetensors", "--out", "unused"], ["--spm", "missing.safetensors"]),
     (["train", "--config", "missing.yaml"], ["--config", "missing.yaml"]),
     (["generate", "--spm", RED, "--prompt", "x", "--threads", "0"], ["--threads"]),
+    (["attack", "--out", "unused", "--prompts", "17"], ["--prompts", "16 named prompts"]),
+    (["attack", "--spm", RED, CIRCLE, "--label", "red_hardened", "--out", "unused"], ["--label", "one per --spm"]),
+    (["attack", "--out", "unused", "--attack-steps", "0"], ["--attack-steps"]),
 ])
 def test_user_errors_are_one_line_exit_2_before_any_model_load(argv, needles, capsys, no_model_load, tmp_path,
                                                                monkeypatch):

@@ -222,7 +222,7 @@ def attack_concept(rt, transports: dict, spm_index: int, concept: str, s: Attack
     pinned = {m: [_full_hit(pipe, transports[m], p, spm_index) for p in ps] for m in gated}
     results: dict[str, dict[str, list[float]]] = {}  # attack -> mode -> [B] shown
     details: dict = {}
-    runs = [("soft", "base", "soft", "through", list(range(len(ps))))]  # the attack must break the base model
+    runs = [("soft", "base", "soft", "through", list(range(len(ps))))] if "base" in modes else []  # must break base
     for kind in [a for a in ("soft", "hard") if a in s.attacks]:
         if "fixed" in modes:
             runs.append((kind, "fixed", kind, "through", list(range(len(ps)))))
