@@ -41,6 +41,9 @@ import time
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))  # conftest (model builders), runinfo
+
+from runinfo import cpu_model  # noqa: E402
 
 TARGETS = {"input": {16: 1.03, 64: 1.06}, "folded": 1.01}  # issue 23
 
@@ -180,16 +183,6 @@ def _versions() -> dict:
             "torch": torch.__version__, "numpy": numpy.__version__, "python": platform.python_version()}
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _median_ci(ratios: list[float], n: int = 2000) -> tuple[float, float]:
     """Percentile-bootstrap 95% interval of the median per-round ratio (fixed seed)."""
     import numpy as np
@@ -319,7 +312,7 @@ def main(argv=None) -> int:
               "rows": rows, "flops": flops, "folded_equals_base": folded_equals_base,
               "targets": {"input": {str(k): v for k, v in TARGETS["input"].items()}, "folded": TARGETS["folded"]},
               "versions": _versions(),
-              "hardware": {"cpu": _cpu(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+              "hardware": {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
                            "loadavg_1min_at_start": round(load_start, 2)}}
     (out / "onnx_cpu.json").write_text(json.dumps(result, indent=1) + "\n")
     report(result, out)

@@ -36,6 +36,8 @@ import torch
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))  # `import baselines` from the bench modules
 
+from runinfo import cpu_model  # noqa: E402
+
 
 # ---------------------------------------------------------------------------------------------
 # collection: bench/bench_*.py (the root config's python_files only knows test_*.py)
@@ -270,16 +272,6 @@ PROMPTS = ["a photo of a cat", "a watercolor of a lighthouse", "an astronaut rid
 # ---------------------------------------------------------------------------------------------
 # run facts stored with every result
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 try:
     _LOAD_AT_START = round(os.getloadavg()[0], 2)
 except OSError:
@@ -299,7 +291,7 @@ def versions() -> dict:
 
 
 def hardware() -> dict:
-    hw = {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    hw = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
           "device": DEVICE, "malloc": MALLOC}
     try:
         hw["loadavg_1min"] = round(os.getloadavg()[0], 2)  # other work on the machine, now

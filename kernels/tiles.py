@@ -173,13 +173,7 @@ def device_arch(device=None) -> int:
         >>> device_arch("cpu")
         90
     """
-    try:
-        index = _cuda_index(device)
-        if index is not None:
-            return _cuda_arch(index)
-    except (ImportError, RuntimeError, AssertionError):
-        pass
-    return DEFAULT_ARCH
+    return _cuda_query(device, _cuda_arch, DEFAULT_ARCH)
 
 
 def device_sm_count(device=None) -> int:
@@ -190,13 +184,18 @@ def device_sm_count(device=None) -> int:
         >>> device_sm_count("cpu")
         132
     """
+    return _cuda_query(device, _cuda_sm_count, DEFAULT_SM_COUNT)
+
+
+def _cuda_query(device, query, default: int) -> int:
+    """``query(cuda index)`` for a CUDA device, ``default`` without one (or without torch.cuda)."""
     try:
         index = _cuda_index(device)
         if index is not None:
-            return _cuda_sm_count(index)
+            return query(index)
     except (ImportError, RuntimeError, AssertionError):
         pass
-    return DEFAULT_SM_COUNT
+    return default
 
 
 def n_per_prog(tiles_n: int, other_programs: int, sm_count: int, forced: int | None = None) -> int:

@@ -59,13 +59,19 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
-def _pre_hook(module, args, kwargs):
+def _hooked(module):
+    """``(state, frames)`` of a patched UNet's hook call, or None (not patched, or inside a capture)."""
     if _tracing():
         return None
     state = _state(module)
-    if state is None:
+    return None if state is None else (state, _frames(state))
+
+
+def _pre_hook(module, args, kwargs):
+    hooked = _hooked(module)
+    if hooked is None:
         return None
-    frames = _frames(state)
+    state, frames = hooked
     if state.in_call():  # inside rt(...) / use_gates on this thread: its gates hold
         sample, _ = _unet_inputs(args, kwargs)
         if isinstance(sample, torch.Tensor):  # the batch-shape check, also in front of a compiled graph
@@ -92,12 +98,10 @@ def _pre_hook(module, args, kwargs):
 
 
 def _post_hook(module, args, kwargs, output):
-    if _tracing():
+    hooked = _hooked(module)
+    if hooked is None:
         return None
-    state = _state(module)
-    if state is None:
-        return None
-    frames = _frames(state)
+    state, frames = hooked
     if frames and frames.pop():
         state.owner = None
         state.end()
