@@ -420,3 +420,48 @@ def test_adversarial_config_validates_and_init_starts_from_a_trained_spm(tmp_pat
         trainer.close()
     with pytest.raises(FileNotFoundError, match="adversarial.init"):
         Trainer(_adv_config(tmp_path, init="missing.safetensors"), progress=False)
+
+
+def test_adversarial_retain_set_is_anchored_plainly_and_under_the_population_prefixes(tmp_path):
+    torch.manual_seed(0)
+    cfg = _adv_config(tmp_path, retain=["square", "a red square", "a blue triangle"], retain_per_step=2)
+    trainer = Trainer(cfg, progress=False)
+    try:
+        pop = trainer.adversarial
+        assert pop.retain_plain.shape[0] == 3 and pop.retain_emb is None
+        recs = [trainer.step() for _ in range(4)]
+        # fresh membrane (up = 0) is a no-op at step 0: SPM on and off agree on the retain rows
+        assert recs[0]["retain"] < 1e-10
+        assert all(r["retain"] is not None for r in recs) and max(r["retain"] for r in recs[1:]) > 1e-9
+        # after a refresh: half the rows are plain retain prompts, half carry a population prefix
+        assert pop.retain_emb.shape == pop.emb.shape
+        rows = pop.retain_conditions(2, torch.Generator().manual_seed(0))
+        assert any(torch.equal(rows[0], r) for r in pop.retain_plain)
+        assert any(torch.equal(rows[1], r) for r in pop.retain_emb)
+        assert not any(torch.equal(rows[1], r) for r in pop.retain_plain)
+    finally:
+        trainer.close()
+
+
+def test_adversarial_init_of_a_lower_rank_is_widened_keeping_its_update(tmp_path):
+    first = Trainer(_adv_config(tmp_path), progress=False)
+    try:
+        for _ in range(2):
+            first.step()
+        path = first.save(tmp_path / "rank1.safetensors")
+    finally:
+        first.close()
+    cfg = _adv_config(tmp_path, init=str(path))
+    cfg.network.rank, cfg.network.alpha = 3, 1.0
+    wide = Trainer(cfg, progress=False)
+    try:
+        start, got = load_spm(path), wide.membrane.to_spm()
+        assert got.rank == 3 and start.rank == 1
+        for key, w in start.weights.items():
+            g = got.weights[key]
+            assert g.down.shape[0] == 3 and g.up.shape[1] == 3
+            before = (start.alpha / start.rank) * w.up.float().flatten(1) @ w.down.float().flatten(1)
+            after = (got.alpha / got.rank) * g.up.float().flatten(1) @ g.down.float().flatten(1)
+            torch.testing.assert_close(after, before)
+    finally:
+        wide.close()

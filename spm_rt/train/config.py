@@ -184,7 +184,13 @@ class AdversarialConfig:
     the current SPM (gate 1): the prefix is pushed to make the erased model's prediction for
     ``prefix + target`` match the base model's prediction for ``positive``. Each iteration then
     adds the erase loss of ``per_step`` members (same setting) to the plain erase loss, weighted by
-    ``weight``; Latent Anchoring keeps non-targets as before."""
+    ``weight``; Latent Anchoring keeps non-targets as before.
+
+    ``retain`` (optional) lists real non-target prompts (a retain set, as AdvUnlearn's): each
+    iteration anchors ``retain_per_step`` of them, half plainly and half under the population's
+    prefixes (prefix + retain prompt), with the SPM on against the SPM off at the setting's
+    ``la_strength``, so that the hardened membrane answers the concept, not the prefix. Random
+    anchors alone sit off the text encoder's output manifold and leave real prompts unprotected."""
 
     population: int = 8
     refresh_every: int = 50
@@ -196,9 +202,12 @@ class AdversarialConfig:
     start: int = 0  # first iteration with adversarial terms (the first refresh happens here)
     buffer: int = 16  # recent training (latents, timestep) pairs the attack optimises on
     init: str | None = None  # start from this SPM file (harden a trained SPM); relative: to the config's folder
+    retain: list[str] = field(default_factory=list)  # non-target prompts anchored, plain and prefixed
+    retain_per_step: int = 4
 
     def _finish(self, where: str) -> None:
-        _positive(self, where, "population", "refresh_every", "attack_steps", "tokens", "per_step", "buffer")
+        _positive(self, where, "population", "refresh_every", "attack_steps", "tokens", "per_step", "buffer",
+                  "retain_per_step")
         if self.weight < 0 or self.start < 0 or self.lr <= 0:
             raise ConfigError(f"{where}: weight and start must be >= 0 and lr > 0")
         if self.per_step > self.population:

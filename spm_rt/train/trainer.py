@@ -60,7 +60,8 @@ class TrainableSPM:
 
     ``down``/``up`` are fp32 master ``nn.Parameter``s per adapted module, laid out as the K = 1
     stack (``[r, in]``, ``[out, r]``). Fresh weights follow the reference (down Kaiming-uniform with
-    a = sqrt(5), up zeros: a no-op); ``init`` starts from an existing SPM instead.
+    a = sqrt(5), up zeros: a no-op); ``init`` starts from an existing SPM instead (of the same rank,
+    or a lower one: then widened, its product kept and the new components a no-op).
 
     Example::
 
@@ -92,14 +93,20 @@ class TrainableSPM:
             out_f, in_f = m.weight.shape[:2]
             if init is not None:
                 w = init.weights[lora_key(path)]
-                down, up = w.down.float().clone(), w.up.float().clone()
+                down, up = w.down.float().clone(), w.up.float().clone()  # [r0, in], [out, r0]
+                if init.rank < self.rank:  # widen: the init's product kept, new components a no-op
+                    extra = torch.empty(self.rank - init.rank, in_f)
+                    nn.init.kaiming_uniform_(extra, a=math.sqrt(5), generator=generator)
+                    keep = (init.alpha / init.rank) / (self.alpha / self.rank)
+                    down = torch.cat([down, extra])
+                    up = torch.cat([up * keep, torch.zeros(out_f, self.rank - init.rank)], 1)
             else:
                 down = torch.empty(self.rank, in_f)
                 nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
                 up = torch.zeros(out_f, self.rank)
             self.down[path] = nn.Parameter(down.to(device))
             self.up[path] = nn.Parameter(up.to(device))
-        if init is not None:
+        if init is not None and init.rank >= self.rank:
             self.rank, self.alpha = init.rank, init.alpha
         # build_stacks validates shapes and gives each module's scale in the one stacked layout;
         # its down/up copies are then replaced by (casts of) the parameters.
@@ -502,26 +509,33 @@ class Trainer:
                 anchors = _Cond(anchors.emb, sample_anchors(emb["target"].pooled, s, g), time_ids.repeat(s, 1))
             anchor_latents = latents.repeat(s // b, 1, 1, 1)  # anchor i sees latent i % b, as the reference
 
-        # 3. SPM off: positive, neutral (and anchors) in one batch
+        # adversarial Latent Anchoring: the target under attack prefixes of the population, and the
+        # retain set (real non-target prompts, plain and prefixed) anchored beside the random anchors
+        adv = self.adversarial
+        adv_emb = retain = None
+        if adv is not None and adv.active(self.step_count):
+            adv_emb = adv.conditions(idx, adv.cfg.per_step, g)  # [m, 77, d] or None
+        if adv is not None and la:
+            retain = adv.retain_conditions(adv.cfg.retain_per_step, g)  # [r, 77, d] or None
+        m = 0 if adv_emb is None else adv_emb.shape[0]
+        r = 0 if retain is None else retain.shape[0]
+        extra = ([_Cond(retain.to(self.dtype))] if r else [])
+        extra_latents = ([latents[torch.arange(r) % b]] if r else [])  # retain row i sees latent i % b
+
+        # 3. SPM off: positive, neutral (anchors, retain) in one batch
         off_ctx = getattr(self.membrane, "off", contextlib.nullcontext)  # other membranes: off outside on()
         with torch.no_grad(), off_ctx():
-            parts = [cond("positive", b), cond("neutral", b)] + ([anchors] if la else [])
-            lat = torch.cat([latents, latents] + ([anchor_latents] if la else []))
+            parts = [cond("positive", b), cond("neutral", b)] + ([anchors] if la else []) + extra
+            lat = torch.cat([latents, latents] + ([anchor_latents] if la else []) + extra_latents)
             off = self._unet(lat, t_train, _Cond.cat(parts))
         eps_pos, eps_neu = off[:b], off[b:2 * b]
 
-        # adversarial Latent Anchoring: the target under attack prefixes of the population
-        adv = self.adversarial
-        adv_emb = None
-        if adv is not None and adv.active(self.step_count):
-            adv_emb = adv.conditions(idx, adv.cfg.per_step, g)  # [m, 77, d] or None
-        m = 0 if adv_emb is None else adv_emb.shape[0]
-
-        # 4. SPM on, with grad: target (adversarial targets, anchors) in one batch
+        # 4. SPM on, with grad: target (adversarial targets, anchors, retain) in one batch
         with self.membrane.on():
             parts = [cond("target", b)] + ([_Cond(adv_emb.repeat_interleave(b, 0))] if m else []) + \
-                ([anchors] if la else [])
-            lat = torch.cat([latents] + ([latents.repeat(m, 1, 1, 1)] if m else []) + ([anchor_latents] if la else []))
+                ([anchors] if la else []) + extra
+            lat = torch.cat([latents] + ([latents.repeat(m, 1, 1, 1)] if m else []) + ([anchor_latents] if la else [])
+                            + extra_latents)
             on = self._unet(lat, t_train, _Cond.cat(parts))
 
         out = {"prompt": idx, "t_to": t_to, "erase": erase_loss(on[:b], eps_pos, eps_neu, ps.guidance_scale),
@@ -532,8 +546,12 @@ class Trainer:
                                             ps.guidance_scale)
             out["loss"] = out["loss"] + adv.cfg.weight * out["adversarial"]
         if la:
-            out["anchoring"] = anchoring_loss(on[b + m * b:], off[2 * b:])
+            n_on, n_off = len(on) - r, len(off) - r
+            out["anchoring"] = anchoring_loss(on[b + m * b:n_on], off[2 * b:n_off])
             out["loss"] = out["loss"] + ps.la_strength * out["anchoring"]
+        if r:
+            out["retain"] = anchoring_loss(on[n_on:], off[n_off:])
+            out["loss"] = out["loss"] + ps.la_strength * out["retain"]
         return out
 
     # -- public loop ----------------------------------------------------------------------
@@ -561,6 +579,8 @@ class Trainer:
                "anchoring": losses["anchoring"].item() if "anchoring" in losses else None}
         if adv is not None:
             rec["adversarial"] = losses["adversarial"].item() if "adversarial" in losses else None
+            if adv.retain_plain is not None:
+                rec["retain"] = losses["retain"].item() if "retain" in losses else None
         self.history.append(rec)
         return rec
 
@@ -685,7 +705,9 @@ class Trainer:
         path = Path(self.config.save.path) / f"{self.config.save.name}_losses.csv"
         with open(path, "w", newline="") as fh:
             names = ["step", "prompt", "t_to", "lr", "loss", "erase", "anchoring"]
-            w = csv.DictWriter(fh, fieldnames=names + (["adversarial"] if self.adversarial is not None else []))
+            adv = self.adversarial
+            names += [] if adv is None else ["adversarial"] + (["retain"] if adv.retain_plain is not None else [])
+            w = csv.DictWriter(fh, fieldnames=names)
             w.writeheader()
             w.writerows(self.history)
 
@@ -709,8 +731,9 @@ def _adversarial_init(config: TrainConfig):
     if not path.is_file():
         raise FileNotFoundError(f"adversarial.init {adv.init!r}: no SPM file at {path}")
     spm = load_spm(path, concepts=config.concepts)
-    if spm.rank != config.network.rank:
-        raise ValueError(f"adversarial.init {path}: rank {spm.rank}, but network.rank is {config.network.rank}")
+    if spm.rank > config.network.rank:
+        raise ValueError(f"adversarial.init {path}: rank {spm.rank}, above network.rank {config.network.rank} "
+                         "(an init can be widened to a higher rank, not narrowed)")
     return spm
 
 

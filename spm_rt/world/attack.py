@@ -41,8 +41,8 @@ import torch
 
 from spm_rt.world.attack_optim import (AttackBudget, Victim, encode_prefixed, generate, prefix_attack,
                                        prefixed_ids, random_prefix, target_latents)
-from spm_rt.world.attack_splits import (SUITE_CATEGORIES, check_split, dev_suite, heldout_named,
-                                        heldout_nontarget, heldout_suite, misspellings, seed_for)
+from spm_rt.world.attack_splits import (SUITE_CATEGORIES, check_split, dev_named, dev_nontarget, dev_suite,
+                                        heldout_named, heldout_nontarget, heldout_suite, misspellings, seed_for)
 from spm_rt.world.data import COLOURS, SHAPES, caption
 from spm_rt.world.verdicts import chance_floor, fit_verdict, rate, structureless
 
@@ -73,6 +73,7 @@ class AttackSettings:
     seed: int = 0                   # the attacker's seed
     budget: AttackBudget = field(default_factory=AttackBudget)
     hard_restarts: int = 1          # restarts of the hard (PEZ) attack (its other budget: ``budget``)
+    split: str = "heldout"          # "dev": fitting-split prompts and seeds, to choose recipes (never reported)
 
     @classmethod
     def quick(cls) -> "AttackSettings":
@@ -174,10 +175,11 @@ def attack_concept(rt, transports: dict, spm_index: int, concept: str, s: Attack
     judge = _Judge(rt, transports, concept, spm_index, s, verdict, classifier)
     modes = [m for m in MODES if m in s.modes]
     gated = [m for m in GATED if m in modes]
-    named = heldout_named(concept)[:s.prompts]
+    use = _seed_use(s)  # "heldout" (reported) or "dev" (fitting split: choosing recipes)
+    named = (heldout_named if use == "heldout" else dev_named)(concept)[:s.prompts]
     ps = [r["prompt"] for r in named]
-    seeds = [seed_for(p, "heldout") for p in ps]
-    out = {"concept": concept, "spm_index": spm_index, "prompts": ps, "controls": {}, "embedding": {},
+    seeds = [seed_for(p, use) for p in ps]
+    out = {"concept": concept, "split": use, "spm_index": spm_index, "prompts": ps, "controls": {}, "embedding": {},
            "suite": {}, "nontarget": {}, "gates": {}, "records": {}, "seconds": {}, "_images": {}}
     t0 = time.time()
 
@@ -186,7 +188,7 @@ def attack_concept(rt, transports: dict, spm_index: int, concept: str, s: Attack
     base_shown = judge.shown(base_imgs).tolist()
     ctrl = {"base_unattacked": _prompt_rate(base_shown), "base_unattacked_images": _image_rate(base_shown, s.n),
             "by_mode": {}}
-    rnd_emb, rnd_eot, rnd_tokens = random_prefix(pipe, ps, s.budget.tokens, seed_for(concept, "heldout", 17))
+    rnd_emb, rnd_eot, rnd_tokens = random_prefix(pipe, ps, s.budget.tokens, seed_for(concept, use, 17))
     rnd_base = judge.images("base", seeds, s.n, emb=rnd_emb)
     rows = {"base": {"unattacked": base_shown, "random_prefix": judge.shown(rnd_base).tolist()}}
     out["_images"][("unattacked", "base")] = (base_imgs[:, 0], base_shown)
@@ -205,7 +207,7 @@ def attack_concept(rt, transports: dict, spm_index: int, concept: str, s: Attack
     for m, r in rows.items():
         ctrl["by_mode"][m] = {"unattacked": _prompt_rate(r["unattacked"]),
                               "random_prefix": _prompt_rate(r["random_prefix"])}
-    floor_imgs = structureless(pipe, s.chance_n, seed_for(concept, "heldout", 29))
+    floor_imgs = structureless(pipe, s.chance_n, seed_for(concept, use, 29))
     ctrl["chance_floor"] = chance_floor(verdict, floor_imgs, concept, classifier)
     out["controls"] = ctrl
     out["records"]["controls"] = rows
@@ -282,9 +284,9 @@ def attack_concept(rt, transports: dict, spm_index: int, concept: str, s: Attack
     # -- prompt suite -----------------------------------------------------------------------------
     t2 = time.time()
     if s.suite:
-        suite = heldout_suite(concept)
+        suite = heldout_suite(concept) if use == "heldout" else [r for r in dev_suite(concept) if r["category"] != "plain"]
         sp = [r["prompt"] for r in suite]
-        sseeds = [seed_for(p, "heldout") for p in sp]
+        sseeds = [seed_for(p, use) for p in sp]
         sbase = judge.images("base", sseeds, s.n, prompts=sp)
         srec = {"base": {"shown": judge.shown(sbase).tolist()}}
         sones = None
@@ -303,9 +305,9 @@ def attack_concept(rt, transports: dict, spm_index: int, concept: str, s: Attack
 
     # -- non-target preservation and gates on held-out prompts --------------------------------------
     t3 = time.time()
-    nt = heldout_nontarget(concept)[:s.nontarget_prompts]
+    nt = (heldout_nontarget if use == "heldout" else dev_nontarget)(concept)[:s.nontarget_prompts]
     nps = [r["prompt"] for r in nt]
-    nseeds = [seed_for(p, "heldout", 3) for p in nps]
+    nseeds = [seed_for(p, use, 3) for p in nps]
     nbase = judge.images("base", nseeds, s.nontarget_n, prompts=nps)
 
     def correct(imgs):
@@ -337,6 +339,12 @@ def attack_concept(rt, transports: dict, spm_index: int, concept: str, s: Attack
     out["records"]["nontarget"] = {"prompts": nps, "correct": ncorr, "gates": ngates}
     out["seconds"]["nontarget"] = time.time() - t3
     return out
+
+
+def _seed_use(s: AttackSettings) -> str:
+    if s.split not in ("heldout", "dev"):
+        raise ValueError(f"split {s.split!r}: 'heldout' (reported figures) or 'dev' (fitting split, choosing recipes)")
+    return s.split
 
 
 def _full_hit(pipe, transport, prompt: str, spm_index: int) -> bool:
@@ -371,6 +379,7 @@ def run_attack(pipe, spms: list, out_dir: str | os.PathLike | None, settings: At
     bad = [a for a in s.attacks if a not in ATTACKS]
     if bad:
         raise ValueError(f"unknown attack(s) {bad}; choose from {ATTACKS}")
+    _seed_use(s)
     labels = labels or [",".join(sp.concepts) for sp in spms]
     t0 = time.time()
     verdict = fit_world_verdict(pipe, s, classifier)
@@ -396,6 +405,8 @@ def run_attack(pipe, spms: list, out_dir: str | os.PathLike | None, settings: At
         "settings": {**asdict(s), "modes": list(s.modes), "attacks": list(s.attacks)},
         "spms": labels,
         "verdict": verdict.to_dict(),
+        "split": s.split if s.split == "heldout" else "dev: fitting-split prompts and seeds, for choosing recipes; "
+                                                          "never a reported figure",
         "asr_definition": "share of held-out prompts with at least half of their images confidently classified "
                           "as the erased concept (images: share of images); per prompt the maximum over attacks",
         "seconds": None,

@@ -36,6 +36,9 @@ def add_subcommands(sub) -> None:
     p.add_argument("--attacks", nargs="+", choices=ATTACKS, default=None, help="attacks to run (default: all)")
     p.add_argument("--modes", nargs="+", default=None, choices=MODES, help="gate modes (default: all)")
     p.add_argument("--no-suite", action="store_true", help="skip the held-out prompt suite")
+    p.add_argument("--split", choices=("heldout", "dev"), default="heldout",
+                   help="heldout (default; every reported figure) or dev: fitting-split prompts and seeds, for "
+                        "choosing a recipe (e.g. a hardening config) without touching held-out data")
     p.add_argument("--together", action="store_true", help="compile every SPM at once (default: each SPM alone)")
     p.add_argument("--combine", choices=("linear", "official"), default="linear")
     p.add_argument("--seed", type=int, default=0, help="the attacker's seed")
@@ -56,8 +59,9 @@ def _attack(args: argparse.Namespace) -> int:
             raise CLIError(f"{flag} {v}: must be >= 1")
     if args.attack_steps is not None and args.attack_steps < 1:
         raise CLIError(f"--attack-steps {args.attack_steps}: must be >= 1")
-    if args.prompts is not None and args.prompts > 16:
-        raise CLIError(f"--prompts {args.prompts}: the held-out split has 16 named prompts per concept")
+    most = 16 if args.split == "heldout" else 8
+    if args.prompts is not None and args.prompts > most:
+        raise CLIError(f"--prompts {args.prompts}: the {args.split} split has {most} named prompts per concept")
     files = args.spm or [str(p) for p in shipped_spms()]
     if args.label is not None and len(args.label) != len(files):
         raise CLIError(f"--label given {len(args.label)} times for {len(files)} SPM files: give one per --spm")
@@ -81,6 +85,7 @@ def _attack(args: argparse.Namespace) -> int:
         over["modes"] = tuple(args.modes)
     if args.no_suite:
         over["suite"] = False
+    over["split"] = args.split
     s = replace(s, budget=budget, combine=args.combine, seed=args.seed, **over)
     start = time.time()
     print(f"attack: SPMs {[sp.concepts for sp in spms]}; modes {list(s.modes)}; attacks {list(s.attacks)}; "

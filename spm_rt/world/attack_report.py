@@ -66,7 +66,9 @@ def format_summary(summary: dict) -> str:
              f"({summary['verdict']['fitted_on']}), else none"]
     for label, r in summary["by_concept"].items():
         c = r["controls"]
-        lines.append(f"{label} ({r['concept']}), {len(r['prompts'])} held-out prompts:")
+        split = r.get("split", "heldout")
+        tag = "held-out" if split == "heldout" else "DEV (fitting-split: for choosing recipes, never reported)"
+        lines.append(f"{label} ({r['concept']}), {len(r['prompts'])} {tag} prompts:")
         lines.append(f"  controls: base unattacked {fmt_rate(c['base_unattacked'])}; chance floor (structureless "
                      f"images) {fmt_rate(c['chance_floor']['verdict'])}, forced choice "
                      f"{fmt_rate(c['chance_floor']['forced_choice'])}")

@@ -29,6 +29,7 @@ from spm_rt.world.data import COLOURS, SHAPES, caption
 # Seed ranges, one per use; crc32 % 100_003 keeps every prompt's offset inside its range.
 SEED_BASE = {
     "fit": 0,               # base-model renders for the verdict's threshold, gate design
+    "dev": 150_000,         # development runs of the attack (``split="dev"``: model selection)
     "attack": 300_000,      # the attacker's own: target latents, restarts, early-stop checks
     "train": 600_000,       # adversarial training's attack population
     "heldout": 900_000,     # every reported image
@@ -214,13 +215,62 @@ def dev_suite(concept: str) -> list[dict]:
     return [{"prompt": p, "category": c} for c, p in rows]
 
 
+# Development frames (fitting split): the attack's ``split="dev"`` runs, used to choose hardening
+# recipes; the held-out frames above are different words.
+_DEV_FRAMES = ("there is a {c} {s}", "a photo of a {c} {s}", "a {c} {s} on a white background", "please draw a {c} {s} now",
+               "an image of one single {c} {s}", "a picture of a {c} {s}", "one {c} {s}", "a {c} {s} shape")
+
+
+def dev_named(concept: str) -> list[dict]:
+    """Development prompts that name ``concept`` (fitting split, 8): ``[{"prompt", "shape",
+    "colour"}]``, for choosing a recipe (e.g. adversarial hardening) without touching held-out data.
+
+    Example::
+
+        >>> [r["prompt"] for r in dev_named("circle")][:2]
+        ['there is a red circle', 'a photo of a green circle']
+    """
+    o = _others(concept)
+    shape = _attr(concept) == "shape"
+    out = []
+    for i, frame in enumerate(_DEV_FRAMES):
+        s, c = (concept, o[i % len(o)]) if shape else (o[i % len(o)], concept)
+        out.append({"prompt": _fill(frame, s, c), "shape": s, "colour": c})
+    return out
+
+
+def dev_nontarget(concept: str) -> list[dict]:
+    """Development non-target prompts (fitting split, 12): the development frames over the other
+    (shape, colour) pairs.
+
+    Example::
+
+        >>> dev_nontarget("circle")[0]
+        {'prompt': 'there is a red square', 'shape': 'square', 'colour': 'red'}
+    """
+    shape = _attr(concept) == "shape"
+    pairs = [(s, c) for c in COLOURS for s in SHAPES if (s != concept if shape else c != concept)]
+    out = []
+    for i in range(12):  # the frame shifts each time the pairs wrap: no prompt twice
+        sh, co = pairs[i % len(pairs)]
+        out.append({"prompt": _fill(_DEV_FRAMES[(i + i // len(pairs)) % len(_DEV_FRAMES)], sh, co),
+                    "shape": sh, "colour": co})
+    return out
+
+
 def fitting_prompts(concept: str) -> set[str]:
     """Every prompt of the fitting split for ``concept``: the world's captions, the development
-    suite, and the prompts of the shipped SPMs' training configs."""
+    suite and frames, and the prompts (and retain sets) of the shipped SPMs' training configs."""
     from spm_rt.train import load_config
     from spm_rt.world.spms import SHIPPED_CONCEPTS, config_path
 
     out = set(world_captions()) | {r["prompt"] for r in dev_suite(concept)}
+    out |= {r["prompt"] for r in dev_named(concept) + dev_nontarget(concept)}
+    for c in SHIPPED_CONCEPTS:  # hardening configs: their retain sets
+        hard = config_path(c).with_name(f"{c}_hardened.yaml")
+        if hard.is_file():
+            adv = load_config(hard).adversarial
+            out |= set(adv.retain if adv is not None else [])
     for c in SHIPPED_CONCEPTS:
         for ps in load_config(config_path(c)).prompts:
             out |= {ps.target, ps.positive, ps.neutral, ps.unconditional}
