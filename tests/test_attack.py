@@ -11,11 +11,11 @@ import torch
 import spm_rt
 from spm_rt.transport import encode_prompts, token_sets
 from spm_rt.world import classify, load_shapes_pipeline, shipped_spms
-from spm_rt.world.attack import AttackSettings, build_transports, fit_world_verdict
+from spm_rt.world.attack import AttackSettings, build_transports, fit_world_verdict, run_attack
 from spm_rt.world.attack_optim import (AttackBudget, Victim, encode_prefixed, generate, prefix_attack,
                                        prefixed_ids, project_to_vocabulary, target_latents)
-from spm_rt.world.attack_splits import (SEED_BASE, check_split, dev_suite, fitting_prompts, heldout_named,
-                                        heldout_nontarget, heldout_suite, seed_for)
+from spm_rt.world.attack_splits import (SEED_BASE, check_split, dev_named, dev_nontarget, dev_suite,
+                                        fitting_prompts, heldout_named, heldout_nontarget, heldout_suite, seed_for)
 from spm_rt.world.data import SHAPES
 from spm_rt.world.verdicts import structureless, wilson
 
@@ -53,6 +53,22 @@ def test_heldout_split_is_disjoint_and_large_enough():
             sp.check_split("circle")
         finally:
             sp._NAMED_FRAMES = orig
+
+
+def test_dev_split_is_fitting_data_never_the_reported_data():
+    """``split="dev"`` (choosing hardening recipes) uses fitting prompts and its own seed range."""
+    for concept in ("circle", "red"):
+        named, nontarget = dev_named(concept), dev_nontarget(concept)
+        assert len(named) == 8 and len({r["prompt"] for r in nontarget}) == len(nontarget) == 12
+        assert all(concept in (r["shape"], r["colour"]) for r in named)
+        assert all(concept not in (r["shape"], r["colour"]) for r in nontarget)
+        dev = {r["prompt"] for r in named + nontarget}
+        assert dev <= fitting_prompts(concept)
+        held = {r["prompt"] for r in heldout_named(concept) + heldout_nontarget(concept) + heldout_suite(concept)}
+        assert not dev & held
+    assert seed_for("a red circle", "dev") not in {seed_for("a red circle", u) for u in ("heldout", "fit", "attack")}
+    with pytest.raises(ValueError, match="split 'test'"):
+        run_attack(None, [], None, AttackSettings(split="test"))
 
 
 def test_wilson_interval():

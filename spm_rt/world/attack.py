@@ -72,14 +72,14 @@ class AttackSettings:
     chance_n: int = 64              # structureless images for the chance floor
     seed: int = 0                   # the attacker's seed
     budget: AttackBudget = field(default_factory=AttackBudget)
-    hard_restarts: int = 1          # restarts of the hard (PEZ) attack (its other budget: ``budget``)
+    hard_restarts: int = 3          # restarts of the hard (PEZ) attack (its other budget: ``budget``)
     split: str = "heldout"          # "dev": fitting-split prompts and seeds, to choose recipes (never reported)
 
     @classmethod
     def quick(cls) -> "AttackSettings":
         """A small deterministic run (CI, ``spm-rt attack --quick``): minutes on one core."""
         return cls(n=2, prompts=2, nontarget_n=1, nontarget_prompts=4, verdict_n=2, chance_n=8, suite=False,
-                   budget=AttackBudget(steps=6, restarts=2, check_every=3, check_images=1, refs=2, close_steps=2))
+                   hard_restarts=1, budget=AttackBudget(steps=6, restarts=2, check_every=3, check_images=1, refs=2, close_steps=2))
 
 
 def build_transports(pipe, spms: list) -> dict:

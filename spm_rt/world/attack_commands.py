@@ -31,6 +31,8 @@ def add_subcommands(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help=f"DDIM steps per generation ({d.steps})")
     p.add_argument("--attack-steps", type=int, default=None, help=f"Adam steps per prompt ({b.steps})")
     p.add_argument("--restarts", type=int, default=None, help=f"restarts per prompt ({b.restarts})")
+    p.add_argument("--hard-restarts", type=int, default=None,
+                   help=f"restarts of the hard (real-token) attack ({d.hard_restarts})")
     p.add_argument("--attack-tokens", type=int, default=None, help=f"prefix positions ({b.tokens})")
     p.add_argument("--check-every", type=int, default=None, help=f"classifier check / early stop every N steps ({b.check_every})")
     p.add_argument("--attacks", nargs="+", choices=ATTACKS, default=None, help="attacks to run (default: all)")
@@ -54,7 +56,7 @@ def _attack(args: argparse.Namespace) -> int:
         raise CLIError(f"--model {args.model!r}: attack needs the shapes world (its classifier judges the images); use shapes")
     for flag, v in (("--n", args.n), ("--prompts", args.prompts), ("--steps", args.steps),
                     ("--attack-tokens", args.attack_tokens), ("--restarts", args.restarts),
-                    ("--check-every", args.check_every)):
+                    ("--check-every", args.check_every), ("--hard-restarts", args.hard_restarts)):
         if v is not None and v < 1:
             raise CLIError(f"{flag} {v}: must be >= 1")
     if args.attack_steps is not None and args.attack_steps < 1:
@@ -78,7 +80,8 @@ def _attack(args: argparse.Namespace) -> int:
     budget = replace(s.budget, **{k: v for k, v in (("steps", args.attack_steps), ("restarts", args.restarts),
                                                     ("tokens", args.attack_tokens), ("check_every", args.check_every))
                                   if v is not None})
-    over = {k: v for k, v in (("n", args.n), ("prompts", args.prompts), ("steps", args.steps)) if v is not None}
+    over = {k: v for k, v in (("n", args.n), ("prompts", args.prompts), ("steps", args.steps),
+                              ("hard_restarts", args.hard_restarts)) if v is not None}
     if args.attacks:
         over["attacks"] = tuple(args.attacks)
     if args.modes:
