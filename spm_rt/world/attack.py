@@ -341,6 +341,17 @@ def attack_concept(rt, transports: dict, spm_index: int, concept: str, s: Attack
     return out
 
 
+def _max_rows(s: AttackSettings, concepts: list[str]) -> int:
+    """UNet rows of the largest batch a run sends (every prompt's images in one batch, x2 for CFG):
+    the runtime's gate buffer is sized once, at compile time."""
+    use = _seed_use(s)
+    suite = max((len(heldout_suite(c) if use == "heldout" else dev_suite(c)) for c in concepts
+                 if c in SHAPES + COLOURS), default=0)
+    images = max(s.n * max(s.prompts, suite if s.suite else 0), s.nontarget_n * s.nontarget_prompts,
+                 s.prompts * max(s.budget.restarts, s.hard_restarts) * s.budget.check_images)
+    return 2 * images
+
+
 def _seed_use(s: AttackSettings) -> str:
     if s.split not in ("heldout", "dev"):
         raise ValueError(f"split {s.split!r}: 'heldout' (reported figures) or 'dev' (fitting split, choosing recipes)")
@@ -386,7 +397,8 @@ def run_attack(pipe, spms: list, out_dir: str | os.PathLike | None, settings: At
     groups = [list(zip(spms, labels))] if together else [[(sp, lb)] for sp, lb in zip(spms, labels)]
     by_concept = {}
     for group in groups:
-        rt = spm_rt.compile(pipe, [sp for sp, _ in group], combine=s.combine, transport="fixed", strategy="gated")
+        rt = spm_rt.compile(pipe, [sp for sp, _ in group], combine=s.combine, transport="fixed", strategy="gated",
+                            max_batch_rows=_max_rows(s, [c for sp, _ in group for c in sp.concepts]))
         try:
             transports = build_transports(pipe, [sp for sp, _ in group])
             for i, (spm, label) in enumerate(group):
