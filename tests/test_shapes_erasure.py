@@ -116,3 +116,21 @@ def test_calibrated_ramp_alone_closes_its_calibration_negatives(concept, monkeyp
     assert reference.gates(neg).min() > 0.5  # what the calibration buys over the reference metric
     fit = transport.calibration[concept]
     assert fit["hi"] == pytest.approx(fit["lo"] + 1e-3)  # not separable on this model (see docstring)
+
+
+def test_eval_and_attack_size_the_gate_buffer_for_their_largest_batch():
+    """The runtime's row-gate buffer is allocated once (64 UNet rows by default); an eval of 40
+    images per prompt (80 rows) was refused before the eval sized it for its own batches."""
+    from spm_rt.formats import load_spm
+    from spm_rt.world import load_shapes_pipeline
+    from spm_rt.world.attack import AttackSettings, _max_rows
+    from spm_rt.world.attack_splits import heldout_suite
+    from spm_rt.world.evaluate import EvalSettings, evaluate_prompts
+
+    torch.set_num_threads(1)
+    pipe = load_shapes_pipeline()
+    spm = load_spm(shipped_spms()[0])
+    recs = evaluate_prompts(pipe, [spm], ["a red circle"], EvalSettings(n=40, steps=1))
+    assert len(recs) == 1
+    s = AttackSettings()
+    assert _max_rows(s, ["circle"]) >= 2 * s.n * max(s.prompts, len(heldout_suite("circle")))

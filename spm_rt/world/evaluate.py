@@ -99,7 +99,8 @@ def evaluate_prompts(pipe, spms: list, prompts: list[str], settings: EvalSetting
     from spm_rt.world.classifier import classify
 
     concepts = [s.concepts for s in spms]
-    rt = spm_rt.compile(pipe, spms, combine=settings.combine, transport="fixed")
+    rt = spm_rt.compile(pipe, spms, combine=settings.combine, transport="fixed",
+                        max_batch_rows=max(2 * settings.n, 64))  # one prompt's n images per call, CFG doubles
     try:
         reference = Transport(pipe, concepts, "clipcos_tokenuni")
         calibration = {c: calibration_sets(c) for names in concepts for c in names}
