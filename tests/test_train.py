@@ -422,23 +422,21 @@ def test_adversarial_config_validates_and_init_starts_from_a_trained_spm(tmp_pat
         Trainer(_adv_config(tmp_path, init="missing.safetensors"), progress=False)
 
 
-def test_adversarial_retain_set_is_anchored_plainly_and_under_the_population_prefixes(tmp_path):
+def test_adversarial_retain_set_is_anchored_beside_the_random_anchors(tmp_path):
     torch.manual_seed(0)
     cfg = _adv_config(tmp_path, retain=["square", "a red square", "a blue triangle"], retain_per_step=2)
     trainer = Trainer(cfg, progress=False)
     try:
         pop = trainer.adversarial
-        assert pop.retain_plain.shape[0] == 3 and pop.retain_emb is None
+        assert pop.retain.shape[0] == 3
         recs = [trainer.step() for _ in range(4)]
         # fresh membrane (up = 0) is a no-op at step 0: SPM on and off agree on the retain rows
         assert recs[0]["retain"] < 1e-10
         assert all(r["retain"] is not None for r in recs) and max(r["retain"] for r in recs[1:]) > 1e-9
-        # after a refresh: half the rows are plain retain prompts, half carry a population prefix
-        assert pop.retain_emb.shape == pop.emb.shape
-        rows = pop.retain_conditions(2, torch.Generator().manual_seed(0))
-        assert any(torch.equal(rows[0], r) for r in pop.retain_plain)
-        assert any(torch.equal(rows[1], r) for r in pop.retain_emb)
-        assert not any(torch.equal(rows[1], r) for r in pop.retain_plain)
+        rows = pop.retain_conditions(5, torch.Generator().manual_seed(0))
+        assert rows.shape == (5, *pop.retain.shape[1:])
+        assert all(any(torch.equal(row, r) for r in pop.retain) for row in rows)
+        torch.testing.assert_close(pop.retain[1:2], trainer._encode("a red square").emb)
     finally:
         trainer.close()
 

@@ -9,8 +9,10 @@ iterations. The outer step adds the erase loss under those prefixes to the plain
 Anchoring (unchanged) keeps non-targets. The population is warm-started at every refresh, so it
 tracks the membrane as it hardens.
 
-A retain set (``retain:``, real non-target prompts) is anchored every iteration, plainly and under the
-population's prefixes, so that the membrane learns the concept rather than "a prefix is there".
+A retain set (``retain:``, real non-target prompts) is anchored every iteration beside the random
+anchors: those sit off the text encoder's output manifold and protect no real prompt. (Retain prompts
+under the population's prefixes were tried and undo the erasure: the prefixes carry the concept, so
+anchoring them to the base model teaches the membrane to let it through.)
 
 Cost: ``attack_steps`` forward + backward passes over ``population`` rows every ``refresh_every``
 iterations, plus ``per_step`` extra rows in each iteration's SPM-on pass.
@@ -56,11 +58,8 @@ class AdversarialPopulation:
         self.opt = torch.optim.Adam([self.prefix], lr=cfg.lr * float(table.norm(dim=1).mean()))
         self.buffer: deque = deque(maxlen=cfg.buffer)  # (latents [1, c, h, w], timestep)
         self.emb: torch.Tensor | None = None  # [P, 77, d] the population's conditions (no grad)
-        # retain set: plain encodings [R, 77, d] and, per population member, one retain prompt's ids
-        # [P, 77] to carry that member's prefix (re-drawn at every refresh)
-        self.retain_plain = torch.cat([trainer._encode(p).emb for p in cfg.retain]) if cfg.retain else None
-        self.retain_ids = [prefixed_ids(pipe.tokenizer, p, [0] * cfg.tokens)[0] for p in cfg.retain]
-        self.retain_emb: torch.Tensor | None = None  # [P, 77, d] prefix + retain prompt (no grad)
+        # retain set: the prompts' encodings [R, 77, d]
+        self.retain = torch.cat([trainer._encode(p).emb for p in cfg.retain]) if cfg.retain else None
         self.log: list[dict] = []
         self.seconds = 0.0
 
@@ -73,11 +72,10 @@ class AdversarialPopulation:
     def remember(self, latents: torch.Tensor, t) -> None:
         self.buffer.append((latents.detach()[:1].clone(), t))
 
-    def _encode(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+    def _encode(self) -> torch.Tensor:
         from spm_rt.world.attack_optim import encode_prefixed
 
-        ids = self.ids if ids is None else ids
-        emb, _ = encode_prefixed(self.pipe, ids, self.prefix.to(self.pipe.text_encoder.dtype))
+        emb, _ = encode_prefixed(self.pipe, self.ids, self.prefix.to(self.pipe.text_encoder.dtype))
         return emb
 
     def refresh(self, generator: torch.Generator) -> dict:
@@ -105,10 +103,6 @@ class AdversarialPopulation:
             first = last if first is None else first
         with torch.no_grad():
             self.emb = self._encode().detach()
-            if self.retain_ids:
-                pick = torch.randint(len(self.retain_ids), (P,), generator=generator)
-                ids = torch.cat([self.retain_ids[int(j)] for j in pick]).to(tr.device)
-                self.retain_emb = self._encode(ids).detach()
         dt = time.time() - t0
         self.seconds += dt
         rec = {"step": tr.step_count, "attack_loss_first": first, "attack_loss_last": last, "seconds": dt}
@@ -128,16 +122,11 @@ class AdversarialPopulation:
         return self.emb[pick]
 
     def retain_conditions(self, n: int, generator: torch.Generator) -> torch.Tensor | None:
-        """``n`` retain conditions ([n, 77, d]): half plain retain prompts, half retain prompts under
-        population prefixes (all plain before the first refresh); None without a retain set."""
-        if self.retain_plain is None:
+        """``n`` retain prompts' conditions ([n, 77, d], drawn with replacement); None without a
+        retain set."""
+        if self.retain is None:
             return None
-        n_pre = n // 2 if self.retain_emb is not None else 0
-        plain = self.retain_plain[torch.randint(len(self.retain_plain), (n - n_pre,), generator=generator)]
-        if not n_pre:
-            return plain
-        pre = self.retain_emb[torch.randint(len(self.retain_emb), (n_pre,), generator=generator)]
-        return torch.cat([plain, pre.to(plain.device, plain.dtype)])
+        return self.retain[torch.randint(len(self.retain), (n,), generator=generator)]
 
     def state_dict(self) -> dict:
         return {"prefix": self.prefix.detach().cpu().clone(), "optimizer": self.opt.state_dict()}
@@ -146,4 +135,4 @@ class AdversarialPopulation:
         with torch.no_grad():
             self.prefix.copy_(state["prefix"])
         self.opt.load_state_dict(state["optimizer"])
-        self.emb = self.retain_emb = None  # re-encoded at the next refresh
+        self.emb = None  # re-encoded at the next refresh

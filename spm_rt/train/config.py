@@ -187,10 +187,9 @@ class AdversarialConfig:
     ``weight``; Latent Anchoring keeps non-targets as before.
 
     ``retain`` (optional) lists real non-target prompts (a retain set, as AdvUnlearn's): each
-    iteration anchors ``retain_per_step`` of them, half plainly and half under the population's
-    prefixes (prefix + retain prompt), with the SPM on against the SPM off at the setting's
-    ``la_strength``, so that the hardened membrane answers the concept, not the prefix. Random
-    anchors alone sit off the text encoder's output manifold and leave real prompts unprotected."""
+    iteration anchors ``retain_per_step`` of them, SPM on against SPM off at the setting's
+    ``la_strength``, beside the random anchors (which sit off the text encoder's output manifold
+    and protect no real prompt)."""
 
     population: int = 8
     refresh_every: int = 50
@@ -202,7 +201,7 @@ class AdversarialConfig:
     start: int = 0  # first iteration with adversarial terms (the first refresh happens here)
     buffer: int = 16  # recent training (latents, timestep) pairs the attack optimises on
     init: str | None = None  # start from this SPM file (harden a trained SPM); relative: to the config's folder
-    retain: list[str] = field(default_factory=list)  # non-target prompts anchored, plain and prefixed
+    retain: list[str] = field(default_factory=list)  # real non-target prompts anchored every iteration
     retain_per_step: int = 4
 
     def _finish(self, where: str) -> None:

@@ -510,7 +510,7 @@ class Trainer:
             anchor_latents = latents.repeat(s // b, 1, 1, 1)  # anchor i sees latent i % b, as the reference
 
         # adversarial Latent Anchoring: the target under attack prefixes of the population, and the
-        # retain set (real non-target prompts, plain and prefixed) anchored beside the random anchors
+        # retain set (real non-target prompts) anchored beside the random anchors
         adv = self.adversarial
         adv_emb = retain = None
         if adv is not None and adv.active(self.step_count):
@@ -579,7 +579,7 @@ class Trainer:
                "anchoring": losses["anchoring"].item() if "anchoring" in losses else None}
         if adv is not None:
             rec["adversarial"] = losses["adversarial"].item() if "adversarial" in losses else None
-            if adv.retain_plain is not None:
+            if adv.retain is not None:
                 rec["retain"] = losses["retain"].item() if "retain" in losses else None
         self.history.append(rec)
         return rec
@@ -706,7 +706,7 @@ class Trainer:
         with open(path, "w", newline="") as fh:
             names = ["step", "prompt", "t_to", "lr", "loss", "erase", "anchoring"]
             adv = self.adversarial
-            names += [] if adv is None else ["adversarial"] + (["retain"] if adv.retain_plain is not None else [])
+            names += [] if adv is None else ["adversarial"] + (["retain"] if adv.retain is not None else [])
             w = csv.DictWriter(fh, fieldnames=names)
             w.writeheader()
             w.writerows(self.history)
