@@ -36,7 +36,7 @@ def load_compiled():
     import triton
 
     try:
-        origin = importlib.util.find_spec("spm_rt.kernels.gated_linear").origin
+        importlib.util.find_spec("spm_rt.kernels.gated_linear")
     except ModuleNotFoundError:  # an environment without spm_rt installed (e.g. another triton's venv)
         import types
 
@@ -44,15 +44,9 @@ def load_compiled():
         pkg.__path__, sub.__path__ = [], [str(ROOT / "kernels")]
         sys.modules.setdefault("spm_rt", pkg)
         sys.modules.setdefault("spm_rt.kernels", sub)
-        origin = str(ROOT / "kernels" / "gated_linear.py")
-    old = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        spec = importlib.util.spec_from_file_location("spm_rt.kernels._gated_linear_sm90", origin)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        if old is not None:
-            os.environ["TRITON_INTERPRET"] = old
+    from spm_rt.kernels.gated_linear import _load_copy
+
+    mod = _load_copy("_gated_linear_sm90", interpret=False)  # the launchers and their kernels
     assert all(isinstance(getattr(mod, n), triton.runtime.JITFunction) for n in KERNEL_NAMES)
     return mod
 

@@ -42,6 +42,10 @@ variant (fp32 inputs, a rank or K*r the build does not hold). That is the one to
 
 which ``fallback="triton"`` does for you. Bad arguments raise ``ValueError``/``TypeError`` (never
 a fallback: the Triton path would reject them too); a failing CUDA call raises ``NativeKernelError``.
+
+This module finds and loads the library and runs the forward; the ctypes mirror of the C ABI
+(structs, status codes, exceptions) is ``native_abi`` and the plan handles and their cache are
+``native_plan``, beside it.
 """
 from __future__ import annotations
 
@@ -55,6 +59,11 @@ import threading
 from pathlib import Path
 
 import torch
+
+from spm_rt.kernels.native_abi import (  # noqa: F401 (the ABI's public names are re-exported)
+    _DTYPES, _NOT_PREPARED, _STATUS, ABI_VERSION, SPM_OK, NativeKernelError, NativeUnavailableError, _Args,
+    _declare, _Pointers, _raise)
+from spm_rt.kernels.native_plan import _alignment, _device_plan, _make_desc, _NativePlan, _prepare, _prepare_lock
 
 __all__ = [
     "NativeKernelError",
@@ -73,89 +82,6 @@ log = logging.getLogger(__name__)
 
 LIBRARY_NAME = "libspm_kernels.so"
 ENV_VAR = "SPM_KERNELS_LIB"
-ABI_VERSION = 2  # SPM_KERNELS_ABI_VERSION of include/spm_kernels.h this loader speaks
-
-# spm_status codes (include/spm_kernels.h)
-SPM_OK = 0
-_STATUS = {
-    1: "SPM_ERR_INVALID_ARGUMENT", 2: "SPM_ERR_SHAPE", 3: "SPM_ERR_UNSUPPORTED", 4: "SPM_ERR_TOO_LARGE",
-    5: "SPM_ERR_WORKSPACE", 6: "SPM_ERR_NO_DRIVER", 7: "SPM_ERR_NO_DEVICE", 8: "SPM_ERR_NO_CONTEXT",
-    9: "SPM_ERR_ARCH", 10: "SPM_ERR_CUDA", 11: "SPM_ERR_INTERNAL", 12: "SPM_ERR_NOT_PREPARED", 13: "SPM_ERR_VERSION",
-}
-_UNAVAILABLE = {3, 6, 7, 9}  # run elsewhere (Triton / torch) on these
-_ARGUMENT = {1, 2, 4}
-_NO_CONTEXT = 8
-_NOT_PREPARED = 12
-_DTYPES = {torch.float16: 0, torch.bfloat16: 1}
-_COMBINES = {"linear": 0, "official": 1}
-_PATTERNS = {"auto": 0, "fused": 1, "split": 2}
-
-
-class NativeKernelError(RuntimeError):
-    """A call into libspm_kernels failed; ``status`` is the spm_status name (or None)."""
-
-    def __init__(self, message: str, status: str | None = None):
-        super().__init__(message)
-        self.status = status
-
-
-class NativeUnavailableError(NativeKernelError):
-    """The native path cannot run this call here: fall back to the Triton (or torch) path."""
-
-
-class _NativeArgumentError(NativeKernelError, ValueError):
-    """The library rejected the arguments (also a ValueError, as the Triton launcher raises)."""
-
-
-class _Args(ctypes.Structure):
-    """spm_gated_linear_args (include/spm_kernels.h); size checked against the library."""
-
-    _fields_ = [
-        ("x", ctypes.c_void_p), ("weight", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-        ("down", ctypes.c_void_p), ("up", ctypes.c_void_p), ("scale", ctypes.c_void_p),
-        ("gates", ctypes.c_void_p), ("y", ctypes.c_void_p), ("workspace", ctypes.c_void_p),
-        ("workspace_bytes", ctypes.c_size_t),
-        ("m", ctypes.c_int64), ("in_features", ctypes.c_int64), ("out_features", ctypes.c_int64),
-        ("ldx", ctypes.c_int64), ("ldy", ctypes.c_int64), ("rows_per_sample", ctypes.c_int64),
-        ("num_spms", ctypes.c_int32), ("rank", ctypes.c_int32), ("groups", ctypes.c_int32),
-        ("scale_per_group", ctypes.c_int32),
-        ("dtype", ctypes.c_int), ("combine", ctypes.c_int), ("pattern", ctypes.c_int),
-    ]
-
-
-class _PlanDesc(ctypes.Structure):
-    """spm_plan_desc (include/spm_kernels.h); struct_size / version checked by the library."""
-
-    _fields_ = [
-        ("struct_size", ctypes.c_size_t), ("version", ctypes.c_int32),
-        ("dtype", ctypes.c_int), ("combine", ctypes.c_int), ("pattern", ctypes.c_int),
-        ("m", ctypes.c_int64), ("in_features", ctypes.c_int64), ("out_features", ctypes.c_int64),
-        ("ldx", ctypes.c_int64), ("ldy", ctypes.c_int64), ("rows_per_sample", ctypes.c_int64),
-        ("ld_gates", ctypes.c_int64), ("gates_broadcast", ctypes.c_int32),
-        ("num_spms", ctypes.c_int32), ("rank", ctypes.c_int32), ("groups", ctypes.c_int32),
-        ("scale_per_group", ctypes.c_int32), ("has_bias", ctypes.c_int32), ("alignment", ctypes.c_uint32),
-        ("arch", ctypes.c_int32), ("sm_count", ctypes.c_int32),
-    ]
-
-
-class _PlanInfo(ctypes.Structure):
-    _fields_ = [
-        ("struct_size", ctypes.c_size_t), ("version", ctypes.c_int32), ("arch", ctypes.c_int32),
-        ("sm_count", ctypes.c_int32), ("fused", ctypes.c_int32), ("shrink_variant", ctypes.c_int32),
-        ("forward_variant", ctypes.c_int32), ("n_per_prog", ctypes.c_int32),
-        ("shrink_grid", ctypes.c_uint32 * 3), ("forward_grid", ctypes.c_uint32 * 3),
-        ("workspace_bytes", ctypes.c_size_t),
-    ]
-
-
-class _Pointers(ctypes.Structure):
-    _fields_ = [
-        ("struct_size", ctypes.c_size_t), ("version", ctypes.c_int32),
-        ("x", ctypes.c_void_p), ("weight", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("down", ctypes.c_void_p),
-        ("up", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("gates", ctypes.c_void_p), ("y", ctypes.c_void_p),
-        ("workspace", ctypes.c_void_p), ("workspace_bytes", ctypes.c_size_t),
-    ]
-
 
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL] = {}
@@ -219,47 +145,6 @@ def _load() -> ctypes.CDLL:
         return lib
 
 
-def _declare(lib: ctypes.CDLL) -> None:
-    c = ctypes
-    lib.spm_kernels_abi_version.restype = c.c_int
-    lib.spm_gated_linear_args_size.restype = c.c_size_t
-    lib.spm_kernels_info_json.restype = c.c_char_p
-    lib.spm_kernels_arch_for_cc.argtypes = [c.c_int]
-    lib.spm_kernels_arch_for_cc.restype = c.c_int
-    lib.spm_kernels_init.restype = c.c_int
-    lib.spm_last_error.restype = c.c_char_p
-    lib.spm_status_string.argtypes = [c.c_int]
-    lib.spm_status_string.restype = c.c_char_p
-    lib.spm_gated_linear_forward.argtypes = [c.c_void_p, c.POINTER(_Args)]
-    lib.spm_gated_linear_forward.restype = c.c_int
-    lib.spm_plan_desc_init.argtypes = [c.POINTER(_PlanDesc)]
-    lib.spm_plan_desc_init.restype = None
-    lib.spm_plan_info_init.argtypes = [c.POINTER(_PlanInfo)]
-    lib.spm_plan_info_init.restype = None
-    lib.spm_pointers_init.argtypes = [c.POINTER(_Pointers)]
-    lib.spm_pointers_init.restype = None
-    lib.spm_plan_create.argtypes = [c.POINTER(_PlanDesc), c.POINTER(c.c_void_p)]
-    lib.spm_plan_create.restype = c.c_int
-    lib.spm_plan_get_info.argtypes = [c.c_void_p, c.POINTER(_PlanInfo)]
-    lib.spm_plan_get_info.restype = c.c_int
-    lib.spm_plan_prepare.argtypes = [c.c_void_p, c.c_void_p]
-    lib.spm_plan_prepare.restype = c.c_int
-    lib.spm_plan_execute.argtypes = [c.c_void_p, c.POINTER(_Pointers), c.c_void_p]
-    lib.spm_plan_execute.restype = c.c_int
-    lib.spm_plan_destroy.argtypes = [c.c_void_p]
-    lib.spm_plan_destroy.restype = None
-
-
-def _raise(lib: ctypes.CDLL, status: int, what: str):
-    name = _STATUS.get(status, f"status {status}")
-    msg = f"{what}: {name}: {lib.spm_last_error().decode(errors='replace')}"
-    if status in _UNAVAILABLE:
-        raise NativeUnavailableError(msg, name)
-    if status in _ARGUMENT:
-        raise _NativeArgumentError(msg, name)
-    raise NativeKernelError(msg, name)
-
-
 def info() -> dict:
     """The library's contents: version, triton_version, archs, ranks, variants, and its path.
 
@@ -310,47 +195,6 @@ def is_available(device=None) -> bool:
         >>> backend = "native" if is_available() else "triton"  # doctest: +SKIP
     """
     return unavailable_reason(device) is None
-
-
-def _make_desc(lib, m, in_features, out_features, ldx, ldy, num_spms, rank, groups, rows_per_sample,
-               scale_per_group, dtype, combine, pattern, has_bias, alignment, arch, sm_count, ld_gates=0,
-               gates_broadcast=False) -> _PlanDesc:
-    if combine not in _COMBINES:
-        raise ValueError(f"combine must be one of {tuple(_COMBINES)}, got {combine!r}")
-    if pattern not in _PATTERNS:
-        raise ValueError(f"pattern must be one of {tuple(_PATTERNS)}, got {pattern!r}")
-    if dtype not in _DTYPES:
-        raise NativeUnavailableError(f"the native kernels are compiled for float16 and bfloat16, not {dtype}",
-                                     "SPM_ERR_UNSUPPORTED")
-    d = _PlanDesc()
-    lib.spm_plan_desc_init(ctypes.byref(d))
-    d.dtype, d.combine, d.pattern = _DTYPES[dtype], _COMBINES[combine], _PATTERNS[pattern]
-    d.m, d.in_features, d.out_features, d.ldx, d.ldy = m, in_features, out_features, ldx, ldy
-    d.rows_per_sample, d.ld_gates, d.gates_broadcast = rows_per_sample, ld_gates, int(gates_broadcast)
-    d.num_spms, d.rank, d.groups, d.scale_per_group = num_spms, rank, groups, int(scale_per_group)
-    d.has_bias, d.alignment, d.arch, d.sm_count = int(has_bias), alignment, arch, sm_count
-    return d
-
-
-class _NativePlan:
-    """An spm_plan handle (destroyed with this object) and what it runs."""
-
-    def __init__(self, lib, desc: _PlanDesc):
-        self.lib, self.handle, self.prepared = lib, ctypes.c_void_p(), False
-        status = lib.spm_plan_create(ctypes.byref(desc), ctypes.byref(self.handle))
-        if status != SPM_OK:
-            _raise(lib, status, "spm_plan_create")
-        pi = _PlanInfo()
-        lib.spm_plan_info_init(ctypes.byref(pi))
-        status = lib.spm_plan_get_info(self.handle, ctypes.byref(pi))
-        if status != SPM_OK:
-            _raise(lib, status, "spm_plan_get_info")
-        self.info = pi
-
-    def __del__(self):
-        if getattr(self, "handle", None) and self.handle.value:
-            self.lib.spm_plan_destroy(self.handle)
-            self.handle = ctypes.c_void_p()
 
 
 def plan(m: int, in_features: int, out_features: int, num_spms: int, rank: int = 1, groups: int = 1, *,
@@ -479,47 +323,6 @@ def gated_spm_linear_native(
     from spm_rt.kernels.gated_linear import gated_spm_linear_triton  # imports triton: only on fallback
 
     return gated_spm_linear_triton(*ops.astuple(), pattern=pattern)
-
-
-_PLAN_CACHE_SIZE = 256
-_prepare_lock = threading.Lock()
-_plans: collections.OrderedDict = collections.OrderedDict()  # key -> _NativePlan (LRU)
-
-
-def _alignment(*tensors) -> int:
-    """The largest power of two (<= 256) dividing every pointer."""
-    bits = 256
-    for t in tensors:
-        if t is not None:
-            bits |= t.data_ptr()
-    return bits & -bits
-
-
-def _device_plan(lib, key, desc_args, device) -> _NativePlan:
-    with _lock:
-        p = _plans.get(key)
-        if p is not None:
-            _plans.move_to_end(key)
-            return p
-    p = _NativePlan(lib, _make_desc(lib, *desc_args))
-    with _lock:
-        _plans[key] = p
-        while len(_plans) > _PLAN_CACHE_SIZE:
-            _plans.popitem(last=False)
-    return p
-
-
-def _prepare(lib, p: _NativePlan, stream: int, device) -> None:
-    if torch.cuda.is_current_stream_capturing():
-        raise NativeKernelError("the native plan for this shape is not prepared and a CUDA graph capture is running: "
-                                "run one call eagerly first (loading kernels cannot be captured)")
-    status = lib.spm_plan_prepare(p.handle, ctypes.c_void_p(stream))
-    if status == _NO_CONTEXT:  # a thread where torch has not made the device's context current yet
-        torch.cuda.synchronize(device)
-        status = lib.spm_plan_prepare(p.handle, ctypes.c_void_p(stream))
-    if status != SPM_OK:
-        _raise(lib, status, "spm_plan_prepare")
-    p.prepared = True
 
 
 def _forward(ops, pattern):

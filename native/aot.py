@@ -7,7 +7,7 @@ Two commands:
 
 One source of truth: the tiles come from ``kernels/tiles.py``, the table the Triton JIT launcher
 plans every forward with. ``header`` writes the kernels' argument lists as C enums (from the
-``@triton.jit`` signatures in kernels/gated_linear.py) and ``spm_tile_table.h``: FWD_TABLE and the
+``@triton.jit`` signatures in kernels/gated_linear_kernels.py) and ``spm_tile_table.h``: FWD_TABLE and the
 planning constants as C data, which the C picker (native/src/spm_kernels.c) walks with the same
 rule as ``tiles.plan_forward``. ``variants`` compiles, for one (architecture, dtype), every kernel
 that table can ask for, with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``

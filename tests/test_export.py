@@ -352,7 +352,7 @@ def test_swapping_initializers_equals_reexport(sd15, tmp_path):
 def test_swap_in_external_data_and_streamed_save(sd15_official, tmp_path):
     """Swapping writes in place into the external data file; large exports stream the exporter's
     per-tensor files into one data file (both paths are what >2 GB graphs go through)."""
-    from spm_rt.export.onnx import _save_with_external_data
+    from spm_rt.export.onnx_proto import _save_with_external_data
 
     swapped = tmp_path / "swapped"
     shutil.copytree(sd15_official["dir"], swapped)

@@ -2,8 +2,9 @@
 
 Triton decides interpreter-or-compiler when a kernel is decorated, i.e. when its module is
 imported. Other test modules may import ``spm_rt.kernels.gated_linear`` (and triton) first in the
-same pytest process, so this file loads its own copy of the module with TRITON_INTERPRET=1 set
-only for that load; the interpreted kernels then run on CPU tensors whatever was imported before.
+same pytest process, so this file loads its own copy of the module and of its kernels
+(``gated_linear._load_copy``) with TRITON_INTERPRET=1 set only for that load; the interpreted
+kernels then run on CPU tensors whatever was imported before.
 
 Tolerances (house rule): fp32 relative error < 1e-5 against float64; fp16/bf16 at most 2x the
 error PyTorch makes at that dtype (the reference run at that dtype against float64).
@@ -15,7 +16,6 @@ run about 1.4x PyTorch's, still inside the 2x rule; on a GPU the cast rounds to 
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
@@ -29,18 +29,9 @@ from spm_rt.kernels.reference import gated_spm_linear_ref  # noqa: E402
 
 
 def _load_interpreted():
-    origin = importlib.util.find_spec("spm_rt.kernels.gated_linear").origin
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        spec = importlib.util.spec_from_file_location("spm_rt.kernels._gated_linear_interpreted", origin)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
+    from spm_rt.kernels.gated_linear import _load_copy
+
+    mod = _load_copy("_gated_linear_interpreted", interpret=True)  # the launchers and their kernels
     assert mod._interpreting(), "kernels were not built by the interpreter"
     return mod
 
