@@ -28,199 +28,27 @@ anchor-layout defect that is fixed).
 from __future__ import annotations
 
 import contextlib
-
 import csv
 import dataclasses
 import inspect
 import json
-import math
 import os
 import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from spm_rt.formats import SPM, ModuleWeights, adapted_modules, lora_key, save_spm
-from spm_rt.gating import gates_off, use_gates
+from spm_rt.formats import save_spm
 from spm_rt.train.anchors import anchoring_loss, erase_loss, sample_anchors
 from spm_rt.train.config import TrainConfig, load_config
+from spm_rt.train.membrane import TrainableSPM
+from spm_rt.train.setup import _DTYPES, _noise_scheduler, build_lr_scheduler, build_optimizer, load_pipeline
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+__all__ = ["Trainer", "TrainableSPM", "train", "load_pipeline", "build_optimizer", "build_lr_scheduler"]
+
 CFG_TRAJECTORY = 3.0  # the reference denoises the training latents with CFG 3
 XL_GUIDANCE_RESCALE = 0.7  # the reference's SDXL trainer rescales every CFG prediction by 0.7
 STATE_SUFFIX = ".state.pt"
-
-
-# ---------------------------------------------------------------------------------------------
-# the trained membrane
-
-class TrainableSPM:
-    """One SPM being trained, installed as spm_rt layers on ``unet``.
-
-    ``down``/``up`` are fp32 master ``nn.Parameter``s per adapted module, laid out as the K = 1
-    stack (``[r, in]``, ``[out, r]``). Fresh weights follow the reference (down Kaiming-uniform with
-    a = sqrt(5), up zeros: a no-op); ``init`` starts from an existing SPM instead (of the same rank,
-    or a lower one: then widened, its product kept and the new components a no-op).
-
-    Example::
-
-        >>> from spm_rt.testing import tiny_pipeline
-        >>> pipe = tiny_pipeline(0)
-        >>> spm = TrainableSPM(pipe.unet, ["circle"], generator=torch.Generator().manual_seed(0))
-        >>> with spm.on():
-        ...     pass  # UNet calls here run with the membrane open (gradients reach spm.parameters())
-        >>> spm.remove()
-    """
-
-    def __init__(self, unet: nn.Module, concepts: list[str], rank: int = 1, alpha: float = 1.0, *,
-                 generator: torch.Generator | None = None, backend: str = "auto", init: SPM | None = None):
-        from spm_rt.config import SPMConfig
-        from spm_rt.patching import patch
-        from spm_rt.stack import build_stacks
-
-        self.unet = unet
-        self.concepts = list(concepts)
-        self.rank, self.alpha = int(rank), float(alpha)
-        modules = adapted_modules(unet)
-        if not modules:
-            raise ValueError(f"{type(unet).__name__} has no Transformer2DModel layers to adapt")
-        self.conv = {p: isinstance(m, nn.Conv2d) for p, m in modules.items()}
-        device = next(unet.parameters()).device
-        self.down: dict[str, nn.Parameter] = {}
-        self.up: dict[str, nn.Parameter] = {}
-        for path, m in modules.items():
-            out_f, in_f = m.weight.shape[:2]
-            if init is not None:
-                w = init.weights[lora_key(path)]
-                down, up = w.down.float().clone(), w.up.float().clone()  # [r0, in], [out, r0]
-                if init.rank < self.rank:  # widen: the init's product kept, new components a no-op
-                    extra = torch.empty(self.rank - init.rank, in_f)
-                    nn.init.kaiming_uniform_(extra, a=math.sqrt(5), generator=generator)
-                    keep = (init.alpha / init.rank) / (self.alpha / self.rank)
-                    down = torch.cat([down, extra])
-                    up = torch.cat([up * keep, torch.zeros(out_f, self.rank - init.rank)], 1)
-            else:
-                down = torch.empty(self.rank, in_f)
-                nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
-                up = torch.zeros(out_f, self.rank)
-            self.down[path] = nn.Parameter(down.to(device))
-            self.up[path] = nn.Parameter(up.to(device))
-        if init is not None and init.rank >= self.rank:
-            self.rank, self.alpha = init.rank, init.alpha
-        # build_stacks validates shapes and gives each module's scale in the one stacked layout;
-        # its down/up copies are then replaced by (casts of) the parameters.
-        stacks = build_stacks(unet, [self.to_spm()])
-        self.layers = patch(unet, stacks, SPMConfig(strategy="gated", backend=backend))
-        self.refresh()
-
-    def parameters(self) -> list[nn.Parameter]:
-        """down, up of every module, in UNet order (the optimizer's parameter order)."""
-        return [p for path in self.down for p in (self.down[path], self.up[path])]
-
-    def refresh(self) -> None:
-        """Point every layer's stack at the parameters (a differentiable cast when the UNet is not
-        fp32; called once per iteration, since the cast is part of that iteration's graph)."""
-        for path, layer in self.layers.items():
-            dtype = layer.weight.dtype
-            layer.set_factors(self.down[path].to(dtype), self.up[path].to(dtype))
-
-    def on(self):
-        """Context: the membrane is open (gate 1 on every UNet row)."""
-        return use_gates(self.unet, torch.ones(1, 1))
-
-    def off(self):
-        """Context: the membrane is shut (gate 0: the base UNet, bit for bit)."""
-        return gates_off(self.unet)
-
-    def to_spm(self, dtype: torch.dtype | None = None) -> SPM:
-        """A detached copy of the current weights as an :class:`~spm_rt.SPM`."""
-        weights = {}
-        for path in self.down:
-            d, u = self.down[path].detach().cpu().clone(), self.up[path].detach().cpu().clone()
-            if dtype is not None:
-                d, u = d.to(dtype), u.to(dtype)
-            weights[lora_key(path)] = ModuleWeights(d, u, self.alpha, conv=self.conv[path])
-        return SPM(concepts=list(self.concepts), rank=self.rank, alpha=self.alpha, weights=weights)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for path in self.down:
-            out[f"{path}.down"] = self.down[path].detach().cpu().clone()
-            out[f"{path}.up"] = self.up[path].detach().cpu().clone()
-        return out
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        expected = {f"{p}.{h}" for p in self.down for h in ("down", "up")}
-        if set(state) != expected:
-            raise ValueError("checkpoint membranes do not match this UNet's adapted modules")
-        with torch.no_grad():
-            for path in self.down:
-                self.down[path].copy_(state[f"{path}.down"])
-                self.up[path].copy_(state[f"{path}.up"])
-
-    def remove(self) -> None:
-        """Unpatch the UNet (the original modules are back, bit-exact)."""
-        from spm_rt.patching import unpatch
-
-        unpatch(self.unet, self.layers)
-        self.layers = {}
-
-
-# ---------------------------------------------------------------------------------------------
-# model loading and conditioning
-
-def load_pipeline(config: TrainConfig):
-    """The pipeline named by ``config.pretrained_model`` (embedded name, diffusers folder or hub id)."""
-    pm = config.pretrained_model
-    name = pm.name_or_path
-    dtype = _DTYPES[config.train.precision]
-    if name in ("tiny", "tiny-sd15", "tiny-sd2", "tiny-sdxl"):
-        from spm_rt.testing import tiny_pipeline
-
-        arch = {"tiny": "sd15", "tiny-sd15": "sd15", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}[name]
-        pipe = tiny_pipeline(0, arch=arch)
-    elif name == "shapes":
-        import importlib
-
-        world = importlib.import_module("spm_rt.world")
-        loader = getattr(world, "load_shapes_pipeline", None)
-        if loader is None:
-            raise RuntimeError("the embedded shapes model is not available in this installation "
-                               "(spm_rt.world.load_shapes_pipeline is missing)")
-        pipe = loader(dtype=dtype)
-    else:
-        from diffusers import DiffusionPipeline
-
-        kwargs = {"torch_dtype": dtype}
-        try:
-            index = DiffusionPipeline.load_config(name)
-        except Exception as exc:
-            raise RuntimeError(f"pretrained_model.name_or_path {name!r}: not a diffusers pipeline folder or a "
-                               f"reachable hub id ({type(exc).__name__}: {exc})") from None
-        if "safety_checker" in index:  # never used in training; do not load it
-            kwargs.update(safety_checker=None, requires_safety_checker=False)
-        pipe = DiffusionPipeline.from_pretrained(name, **kwargs)
-    if not hasattr(pipe, "unet") or not hasattr(pipe, "text_encoder"):
-        raise RuntimeError(f"{name}: a Stable Diffusion (1.x/2.x) or SDXL pipeline is needed, "
-                           f"got {type(pipe).__name__}")
-    return pipe
-
-
-def _noise_scheduler(name: str, pipe_scheduler_config, v_pred: bool):
-    """The reference's training scheduler, with the model's own beta schedule (for SD checkpoints
-    these are the reference's fixed values: 0.00085, 0.012, scaled_linear, 1000 steps)."""
-    import diffusers
-
-    cls = {"ddim": diffusers.DDIMScheduler, "ddpm": diffusers.DDPMScheduler,
-           "lms": diffusers.LMSDiscreteScheduler, "euler_a": diffusers.EulerAncestralDiscreteScheduler}[name]
-    src = dict(pipe_scheduler_config)
-    kwargs = {k: src[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
-              if k in src and src[k] is not None}
-    if name in ("ddim", "ddpm"):
-        kwargs["clip_sample"] = False
-    kwargs["prediction_type"] = "v_prediction" if v_pred else src.get("prediction_type", "epsilon")
-    return cls(**kwargs)
 
 
 @dataclasses.dataclass
@@ -243,99 +71,6 @@ class _Cond:
                      None if self.pooled is None else self.pooled.repeat_interleave(n, 0),
                      None if self.time_ids is None else self.time_ids.repeat_interleave(n, 0))
 
-
-# ---------------------------------------------------------------------------------------------
-# optimizer and LR schedule (names as the reference's train_util)
-
-def _literal_kwargs(args) -> dict:
-    import ast
-
-    if not args:
-        return {}
-    if isinstance(args, str):
-        args = [args]
-    out = {}
-    for arg in args:
-        key, _, value = arg.partition("=")
-        out[key.strip()] = ast.literal_eval(value.strip())
-    return out
-
-
-def build_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
-    """``train.optimizer_type``: AdamW, AdamW8bit (bitsandbytes on CUDA; otherwise AdamW with a
-    warning), SGDNesterov, SGDNesterov8bit, Lion (lion_pytorch), any ``torch.optim`` class name, or
-    a dotted ``package.module.Class``."""
-    import importlib
-
-    t = config.train
-    kwargs = _literal_kwargs(t.optimizer_args)
-    kind = (t.optimizer_type or "AdamW").strip()
-    low = kind.lower()
-    device = params[0].device if params else torch.device("cpu")
-    if low.endswith("8bit"):
-        bnb = None
-        if device.type == "cuda":
-            try:
-                import bitsandbytes as bnb
-            except ImportError:
-                bnb = None
-        if bnb is not None:
-            cls = {"adamw8bit": bnb.optim.AdamW8bit, "sgdnesterov8bit": bnb.optim.SGD8bit,
-                   "lion8bit": getattr(bnb.optim, "Lion8bit", None),
-                   "pagedadamw8bit": getattr(bnb.optim, "PagedAdamW8bit", None)}.get(low)
-            if cls is None:
-                raise ValueError(f"train.optimizer_type {kind!r} is not available in this bitsandbytes")
-            if low == "sgdnesterov8bit":
-                kwargs.setdefault("momentum", 0.9)
-                kwargs["nesterov"] = True
-            return cls(params, lr=t.lr, **kwargs)
-        fallback = {"adamw8bit": "AdamW", "pagedadamw8bit": "AdamW", "sgdnesterov8bit": "SGDNesterov",
-                    "lion8bit": "Lion"}.get(low)
-        if fallback is None:
-            raise ValueError(f"train.optimizer_type {kind!r} needs bitsandbytes and a CUDA device")
-        why = ("bitsandbytes is not installed" if device.type == "cuda"
-               else f"8-bit optimizers need CUDA (device {device.type})")
-        warnings.warn(f"optimizer_type {kind}: {why}; using 32-bit {fallback} instead", stacklevel=2)
-        low, kind = fallback.lower(), fallback
-    if low == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, **kwargs)
-    if low == "sgdnesterov":
-        kwargs.setdefault("momentum", 0.9)
-        return torch.optim.SGD(params, lr=t.lr, nesterov=True, **kwargs)
-    if low == "lion":
-        try:
-            import lion_pytorch
-        except ImportError:
-            raise ImportError("optimizer_type Lion needs lion_pytorch: pip install lion-pytorch") from None
-        return lion_pytorch.Lion(params, lr=t.lr, **kwargs)
-    if "." in kind:
-        module, _, cls_name = kind.rpartition(".")
-        cls = getattr(importlib.import_module(module), cls_name)
-    else:
-        cls = getattr(torch.optim, kind, None)
-        if cls is None:
-            raise ValueError(f"unknown train.optimizer_type {kind!r} (AdamW, AdamW8bit, SGDNesterov, Lion, a "
-                             "torch.optim class name or a dotted import path)")
-    return cls(params, lr=t.lr, **kwargs)
-
-
-def build_lr_scheduler(optimizer, config: TrainConfig):
-    """diffusers' schedules by the reference's names (``cosine_with_restarts`` with
-    ``lr_scheduler_num_cycles`` cycles and ``lr_warmup_steps`` warmup, ...)."""
-    from diffusers.optimization import get_scheduler
-
-    t = config.train
-    extra = _literal_kwargs(t.lr_scheduler_args)
-    warmup = 0 if t.lr_scheduler == "constant" else t.lr_warmup_steps
-    if t.lr_scheduler == "piecewise_constant":
-        return get_scheduler(t.lr_scheduler, optimizer, step_rules=extra.get("step_rules"))
-    if t.lr_scheduler in ("cosine_with_restarts",):
-        return get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=t.iterations,
-                             num_cycles=t.lr_scheduler_num_cycles)
-    if t.lr_scheduler == "polynomial":
-        return get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=t.iterations,
-                             power=t.lr_scheduler_power)
-    return get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=t.iterations)
 
 
 # ---------------------------------------------------------------------------------------------
