@@ -139,16 +139,25 @@ def test_short_attack_breaks_the_base_model(world):
         rt.remove()
 
 
-def test_hardened_spms_ship_beside_the_plain_ones_with_the_same_layout():
-    """Latency of a hardened SPM is that of the plain one: same rank, same adapted modules."""
+def test_hardened_spms_ship_beside_the_plain_ones_on_the_same_modules():
+    """A hardened SPM adapts the plain one's modules at its config's rank (4: the latency cost is
+    the gated path's rank-4 GEMM), and was trained: not the plain weights, widened."""
+    from spm_rt.train import load_config
     from spm_rt.world import hardened_spms
+    from spm_rt.world.spms import config_path
 
     assert [p.name for p in shipped_spms()] == ["circle.safetensors", "red.safetensors"]
     plain = {p.stem: spm_rt.load_spm(p) for p in shipped_spms()}
+    assert [p.name for p in hardened_spms()] == ["circle_hardened.safetensors", "red_hardened.safetensors"]
     for path in hardened_spms():
         hard = spm_rt.load_spm(path)
         base = plain[path.stem.removesuffix("_hardened")]
-        assert hard.concepts == base.concepts and hard.rank == base.rank
-        assert {k: (w.down.shape, w.up.shape) for k, w in hard.weights.items()} == \
-            {k: (w.down.shape, w.up.shape) for k, w in base.weights.items()}
-        assert any(not torch.equal(hard.weights[k].up, base.weights[k].up) for k in base.weights)  # it was trained
+        rank = load_config(config_path(path.stem)).network.rank
+        assert hard.concepts == base.concepts and hard.rank == rank >= base.rank
+        assert set(hard.weights) == set(base.weights)
+        for k, w in base.weights.items():
+            assert hard.weights[k].down.shape == (rank, *w.down.shape[1:])
+            assert hard.weights[k].up.shape == (w.up.shape[0], rank, *w.up.shape[2:])
+        # it was trained: its update is not the plain one's
+        delta = lambda s, w: (s.alpha / s.rank) * w.up.float().flatten(1) @ w.down.float().flatten(1)  # noqa: E731
+        assert any(not torch.allclose(delta(hard, hard.weights[k]), delta(base, base.weights[k])) for k in base.weights)
