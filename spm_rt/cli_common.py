@@ -264,15 +264,16 @@ def warn_outside_world(prompts: list[str] | None, model: str, flag: str = "--pro
 
 def resolve_spm_names(files: list[str] | None, model: str) -> list[str] | None:
     """``--spm circle`` with ``--model shapes``: a name that is not a file but is a shipped SPM's
-    name resolves to that file (``spm_rt/world/assets/spms/circle.safetensors``)."""
+    name (plain or hardened: ``circle_hardened``) resolves to that file
+    (``spm_rt/world/assets/spms/circle.safetensors``)."""
     if not files or model != "shapes":
         return files
     out = []
     for f in files:
         if not Path(f).exists():
-            from spm_rt.world import shipped_spms
+            from spm_rt.world import hardened_spms, shipped_spms
 
-            shipped = {p.stem: p for p in shipped_spms()}
+            shipped = {p.stem: p for p in shipped_spms() + hardened_spms()}
             stem = Path(f).name.removesuffix(".safetensors")
             if stem in shipped and Path(f).parent == Path("."):
                 f = str(shipped[stem])

@@ -66,6 +66,10 @@ def test_spm_by_shipped_name_for_the_shapes_model():
     shipped = {p.stem: str(p) for p in shipped_spms()}
     assert resolve_spm_names(["circle", "red.safetensors"], "shapes") == [shipped["circle"], shipped["red"]]
     assert resolve_spm_names(["circle"], "tiny") == ["circle"]  # only the shapes world ships SPMs
+    from spm_rt.world import hardened_spms
+
+    hard = {p.stem: str(p) for p in hardened_spms()}
+    assert resolve_spm_names(["circle_hardened"], "shapes") == [hard["circle_hardened"]]
     assert resolve_spm_names(["sub/circle"], "shapes") == ["sub/circle"]  # a path stays a path
 
 
