@@ -92,6 +92,24 @@ def _fill(frame: str, shape: str, colour: str) -> str:
     return frame.format(s=shape, c=colour)
 
 
+def _row(frame: str, shape: str, colour: str) -> dict:
+    return {"prompt": _fill(frame, shape, colour), "shape": shape, "colour": colour}
+
+
+def _named_rows(concept: str, frames) -> list[dict]:
+    """One row per frame naming ``concept``, the other attribute cycling through its values."""
+    o = _others(concept)
+    shape = _attr(concept) == "shape"
+    return [_row(frame, *((concept, o[i % len(o)]) if shape else (o[i % len(o)], concept)))
+            for i, frame in enumerate(frames)]
+
+
+def _other_pairs(concept: str) -> list[tuple[str, str]]:
+    """Every (shape, colour) pair whose concept's attribute is another value."""
+    shape = _attr(concept) == "shape"
+    return [(s, c) for c in COLOURS for s in SHAPES if (s != concept if shape else c != concept)]
+
+
 def heldout_named(concept: str) -> list[dict]:
     """Held-out prompts that name ``concept`` (16, the embedding attack's prompts):
     ``[{"prompt", "shape", "colour"}]``, the other attribute cycling through its values.
@@ -101,13 +119,7 @@ def heldout_named(concept: str) -> list[dict]:
         >>> [r["prompt"] for r in heldout_named("circle")][:3]
         ['a photograph of a red circle', 'two green circles', 'circle, blue']
     """
-    o = _others(concept)
-    shape = _attr(concept) == "shape"
-    out = []
-    for i, frame in enumerate(_NAMED_FRAMES):
-        s, c = (concept, o[i % len(o)]) if shape else (o[i % len(o)], concept)
-        out.append({"prompt": _fill(frame, s, c), "shape": s, "colour": c})
-    return out
+    return _named_rows(concept, _NAMED_FRAMES)
 
 
 def heldout_nontarget(concept: str) -> list[dict]:
@@ -120,11 +132,8 @@ def heldout_nontarget(concept: str) -> list[dict]:
         >>> heldout_nontarget("red")[0]
         {'prompt': 'a photograph of a green circle', 'shape': 'circle', 'colour': 'green'}
     """
-    shape = _attr(concept) == "shape"
-    pairs = [(s, c) for c in COLOURS for s in SHAPES if (s != concept if shape else c != concept)]
-    return [{"prompt": _fill(frame, *pairs[i % len(pairs)]), "shape": pairs[i % len(pairs)][0],
-             "colour": pairs[i % len(pairs)][1]}
-            for i, frame in enumerate(_NAMED_FRAMES + _NAMED_FRAMES[:8])]
+    pairs = _other_pairs(concept)
+    return [_row(frame, *pairs[i % len(pairs)]) for i, frame in enumerate(_NAMED_FRAMES + _NAMED_FRAMES[:8])]
 
 
 def heldout_suite(concept: str) -> list[dict]:
@@ -230,13 +239,7 @@ def dev_named(concept: str) -> list[dict]:
         >>> [r["prompt"] for r in dev_named("circle")][:2]
         ['there is a red circle', 'a photo of a green circle']
     """
-    o = _others(concept)
-    shape = _attr(concept) == "shape"
-    out = []
-    for i, frame in enumerate(_DEV_FRAMES):
-        s, c = (concept, o[i % len(o)]) if shape else (o[i % len(o)], concept)
-        out.append({"prompt": _fill(frame, s, c), "shape": s, "colour": c})
-    return out
+    return _named_rows(concept, _DEV_FRAMES)
 
 
 def dev_nontarget(concept: str) -> list[dict]:
@@ -248,14 +251,9 @@ def dev_nontarget(concept: str) -> list[dict]:
         >>> dev_nontarget("circle")[0]
         {'prompt': 'there is a red square', 'shape': 'square', 'colour': 'red'}
     """
-    shape = _attr(concept) == "shape"
-    pairs = [(s, c) for c in COLOURS for s in SHAPES if (s != concept if shape else c != concept)]
-    out = []
-    for i in range(12):  # the frame shifts each time the pairs wrap: no prompt twice
-        sh, co = pairs[i % len(pairs)]
-        out.append({"prompt": _fill(_DEV_FRAMES[(i + i // len(pairs)) % len(_DEV_FRAMES)], sh, co),
-                    "shape": sh, "colour": co})
-    return out
+    pairs = _other_pairs(concept)
+    # the frame shifts each time the pairs wrap: no prompt twice
+    return [_row(_DEV_FRAMES[(i + i // len(pairs)) % len(_DEV_FRAMES)], *pairs[i % len(pairs)]) for i in range(12)]
 
 
 def fitting_prompts(concept: str) -> set[str]:
